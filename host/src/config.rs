@@ -1,0 +1,525 @@
+//! The operator's configuration: TOML types, defaults and the checks that run
+//! before anything is served. Every problem names the key and the fix.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::runtime::{DirGrant, DirMode, EngineSettings, Grants, Limits, ToolSource};
+
+/// The configuration Cordon uses when no `--config` is given: the example
+/// tools built by `scripts/demo`, with safe demo grants. Paths are relative
+/// to the working directory.
+pub const DEMO_CONFIG: &str = include_str!("demo.toml");
+
+/// A whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where tools come from and where their data lives.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// Default limits for every tool.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Per-component settings, by component name (the `.wasm` file name
+    /// without its extension).
+    #[serde(default)]
+    pub tools: BTreeMap<String, ToolConfig>,
+    /// The directory relative paths are resolved against (the config file's
+    /// directory, or the working directory for the demo config).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Directory whose `*.wasm` files are served.
+    pub tools_dir: PathBuf,
+    /// Compile cache directory; `""` disables the cache.
+    pub cache_dir: PathBuf,
+    /// Directory grants are resolved beneath this directory.
+    pub data_root: PathBuf,
+    /// Reload when files in `tools_dir` change.
+    pub watch: bool,
+    /// Engine-wide settings.
+    pub engine: EngineConfig,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            tools_dir: "tools".into(),
+            cache_dir: ".cordon/cache".into(),
+            data_root: "data".into(),
+            watch: true,
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// `[runtime.engine]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Instances that may run at once.
+    pub max_instances: u32,
+    /// Ceiling for any tool's `memory_mib`.
+    pub max_memory_mib: u64,
+    /// Meter fuel (needed for `fuel` limits).
+    pub fuel: bool,
+    /// Epoch tick in milliseconds.
+    pub epoch_tick_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let d = EngineSettings::default();
+        EngineConfig {
+            max_instances: d.max_instances,
+            max_memory_mib: d.max_memory_bytes >> 20,
+            fuel: d.fuel,
+            epoch_tick_ms: d.epoch_tick_ms,
+        }
+    }
+}
+
+/// `[limits]` and `[tools.NAME.limits]`: each key optional, falling back to
+/// the level above (built-in defaults, then `[limits]`).
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Memory in MiB (default 64).
+    pub memory_mib: Option<u64>,
+    /// Deadline in milliseconds (default 10000).
+    pub timeout_ms: Option<u64>,
+    /// Fuel budget (default: unmetered; needs `runtime.engine.fuel`).
+    pub fuel: Option<u64>,
+    /// Largest result in bytes (default 1 MiB).
+    pub max_output_bytes: Option<u64>,
+    /// Captured stdout/stderr bytes (default 64 KiB each).
+    pub max_stdio_bytes: Option<u64>,
+    /// Open handles (files, streams) at once (default 256).
+    pub max_handles: Option<u32>,
+    /// Log/progress notifications per call (default 1000).
+    pub max_notifications: Option<u32>,
+}
+
+impl LimitsConfig {
+    /// `self` on top of `base`.
+    pub fn apply(&self, base: &Limits) -> Limits {
+        Limits {
+            memory_bytes: self.memory_mib.map_or(base.memory_bytes, |m| m << 20),
+            timeout: self.timeout_ms.map_or(base.timeout, Duration::from_millis),
+            fuel: self.fuel.or(base.fuel),
+            max_output_bytes: self.max_output_bytes.unwrap_or(base.max_output_bytes),
+            max_stdio_bytes: self.max_stdio_bytes.unwrap_or(base.max_stdio_bytes),
+            max_handles: self.max_handles.unwrap_or(base.max_handles),
+            max_notifications: self.max_notifications.unwrap_or(base.max_notifications),
+        }
+    }
+}
+
+/// `[tools.NAME]`: what the operator grants one component.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ToolConfig {
+    /// Refuse to load the file unless its sha256 is this (hex).
+    pub sha256: Option<String>,
+    /// Limits for this component's calls.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Directories to preopen.
+    #[serde(default)]
+    pub dirs: Vec<DirConfig>,
+    /// Config values the component may read.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+/// `[[tools.NAME.dirs]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirConfig {
+    /// Path beneath `runtime.data_root`; `{tenant}` is replaced with the
+    /// caller's tenant. Created if missing.
+    pub path: String,
+    /// Where the guest sees it (an absolute guest path such as `/notes`).
+    pub guest: String,
+    /// `ro` (default) or `rw`.
+    #[serde(default = "default_mode")]
+    pub mode: DirMode,
+    /// For `rw`: the most MiB the directory may hold.
+    pub quota_mib: Option<u64>,
+}
+
+fn default_mode() -> DirMode {
+    DirMode::Ro
+}
+
+/// One thing wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The key, e.g. `tools.notes.dirs[0].path`.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// A configuration that failed its checks.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or an unknown key or a wrong type.
+    #[error("{origin} is not a valid Cordon config: {message}")]
+    Parse {
+        /// The file (or "the demo config").
+        origin: String,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// Parsed, but some values are unusable.
+    #[error("{origin} has {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        /// The file.
+        origin: String,
+        /// Every problem found.
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+/// Tenant ids: also directory names, so a strict character set.
+pub fn valid_tenant_id(tenant: &str) -> bool {
+    (1..=64).contains(&tenant.len())
+        && tenant
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && !tenant.starts_with('-')
+}
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_owned)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| ".".into());
+        Config::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// The embedded demo configuration, relative to the working directory.
+    pub fn demo() -> Result<Config, ConfigError> {
+        Config::parse(DEMO_CONFIG, "the built-in demo config", ".".into())
+    }
+
+    /// Parses and checks `text`; relative paths resolve against `base_dir`.
+    pub fn parse(text: &str, origin: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.base_dir = base_dir;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                origin: origin.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Everything wrong with this configuration (empty when it is usable).
+    pub fn problems(&self) -> Vec<ConfigProblem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, message: String| problems.push(ConfigProblem { key, message });
+        let engine = &self.runtime.engine;
+        if engine.max_instances == 0 {
+            problem("runtime.engine.max_instances".into(), "must be at least 1".into());
+        }
+        if engine.max_memory_mib == 0 || engine.max_memory_mib > 4096 {
+            problem(
+                "runtime.engine.max_memory_mib".into(),
+                "must be between 1 and 4096".into(),
+            );
+        }
+        if !(1..=1000).contains(&engine.epoch_tick_ms) {
+            problem(
+                "runtime.engine.epoch_tick_ms".into(),
+                "must be between 1 and 1000".into(),
+            );
+        }
+        let tools_dir = self.tools_dir();
+        if !tools_dir.is_dir() {
+            problem(
+                "runtime.tools_dir".into(),
+                format!(
+                    "{} is not a directory; create it or point tools_dir at the directory holding your .wasm tools",
+                    tools_dir.display()
+                ),
+            );
+        }
+        let check_limits = |key: &str, limits: &LimitsConfig| {
+            let mut p = Vec::new();
+            if let Some(m) = limits.memory_mib
+                && (m == 0 || m > engine.max_memory_mib)
+            {
+                p.push((
+                    format!("{key}.memory_mib"),
+                    format!(
+                        "{m} is outside 1..={} (runtime.engine.max_memory_mib)",
+                        engine.max_memory_mib
+                    ),
+                ));
+            }
+            if limits.timeout_ms == Some(0) {
+                p.push((format!("{key}.timeout_ms"), "must be at least 1".into()));
+            }
+            if limits.fuel.is_some() && !engine.fuel {
+                p.push((
+                    format!("{key}.fuel"),
+                    "fuel limits need `fuel = true` in [runtime.engine]".into(),
+                ));
+            }
+            if limits.max_handles == Some(0) {
+                p.push((
+                    format!("{key}.max_handles"),
+                    "must be at least 1 (a tool needs a few handles for stdio)".into(),
+                ));
+            }
+            p
+        };
+        let mut found = check_limits("limits", &self.limits);
+        for (name, tool) in &self.tools {
+            let key = format!("tools.{name}");
+            found.extend(check_limits(&format!("{key}.limits"), &tool.limits));
+            if let Some(pin) = &tool.sha256
+                && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                found.push((
+                    format!("{key}.sha256"),
+                    "must be 64 hex digits (run `sha256sum FILE.wasm`)".into(),
+                ));
+            }
+            let mut guests = Vec::new();
+            for (i, dir) in tool.dirs.iter().enumerate() {
+                let key = format!("{key}.dirs[{i}]");
+                if let Err(e) = check_template(&dir.path) {
+                    found.push((format!("{key}.path"), e));
+                }
+                if !dir.guest.starts_with('/') || dir.guest.split('/').any(|c| c == "..") {
+                    found.push((
+                        format!("{key}.guest"),
+                        "must be an absolute guest path without `..`, e.g. \"/data\"".into(),
+                    ));
+                }
+                if guests.contains(&&dir.guest) {
+                    found.push((format!("{key}.guest"), "is granted twice".into()));
+                }
+                guests.push(&dir.guest);
+                if dir.quota_mib.is_some() && dir.mode == DirMode::Ro {
+                    found.push((
+                        format!("{key}.quota_mib"),
+                        "only applies to `mode = \"rw\"` grants; remove it".into(),
+                    ));
+                }
+            }
+        }
+        for (key, message) in found {
+            problem(key, message);
+        }
+        problems
+    }
+
+    fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// The tools directory, resolved.
+    pub fn tools_dir(&self) -> PathBuf {
+        self.resolve(&self.runtime.tools_dir)
+    }
+
+    /// The compile cache directory, resolved (`None` when disabled).
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        (!self.runtime.cache_dir.as_os_str().is_empty()).then(|| self.resolve(&self.runtime.cache_dir))
+    }
+
+    /// The data root, resolved.
+    pub fn data_root(&self) -> PathBuf {
+        self.resolve(&self.runtime.data_root)
+    }
+
+    /// Engine settings for the runtime.
+    pub fn engine_settings(&self) -> EngineSettings {
+        let e = &self.runtime.engine;
+        EngineSettings {
+            max_instances: e.max_instances,
+            max_memory_bytes: e.max_memory_mib << 20,
+            fuel: e.fuel,
+            epoch_tick_ms: e.epoch_tick_ms,
+        }
+    }
+
+    /// Where tools come from, with their pins.
+    pub fn tool_source(&self) -> ToolSource {
+        ToolSource {
+            dir: self.tools_dir(),
+            pins: self
+                .tools
+                .iter()
+                .filter_map(|(name, t)| Some((name.clone(), t.sha256.clone()?)))
+                .collect::<HashMap<_, _>>(),
+        }
+    }
+
+    /// The limits of a call to a tool of `component`.
+    pub fn limits_for(&self, component: &str) -> Limits {
+        let defaults = self.limits.apply(&Limits::default());
+        match self.tools.get(component) {
+            Some(tool) => tool.limits.apply(&defaults),
+            None => defaults,
+        }
+    }
+
+    /// The grants of a call to a tool of `component` by `tenant`: directory
+    /// templates resolved beneath the data root (and created), config values.
+    pub fn grants_for(&self, component: &str, tenant: &str) -> Result<Grants, GrantError> {
+        let Some(tool) = self.tools.get(component) else {
+            return Ok(Grants::default());
+        };
+        if !valid_tenant_id(tenant) {
+            return Err(GrantError::BadTenant(tenant.to_owned()));
+        }
+        let mut dirs = Vec::with_capacity(tool.dirs.len());
+        for dir in &tool.dirs {
+            let relative = dir.path.replace("{tenant}", tenant);
+            let host_path = ensure_beneath(&self.data_root(), Path::new(&relative))?;
+            dirs.push(DirGrant {
+                host_path,
+                guest_path: dir.guest.clone(),
+                mode: dir.mode,
+                quota_bytes: dir.quota_mib.map(|m| m << 20),
+            });
+        }
+        Ok(Grants {
+            dirs,
+            config: tool.config.clone(),
+        })
+    }
+}
+
+/// A grant that could not be prepared for a call.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    /// The tenant id is not safe to use in a path.
+    #[error("tenant id `{0}` is not allowed (use 1-64 of a-z 0-9 _ -)")]
+    BadTenant(String),
+    /// The directory could not be created or would leave the data root.
+    #[error("cannot prepare granted directory {path}: {source}")]
+    Dir {
+        /// The path beneath the data root.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Relative, no `..`, no absolute parts, only the `{tenant}` placeholder.
+fn check_template(template: &str) -> Result<(), String> {
+    let without = template.replace("{tenant}", "t");
+    if without.contains(['{', '}']) {
+        return Err("the only placeholder is {tenant}".into());
+    }
+    let path = Path::new(&without);
+    if without.is_empty()
+        || !path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(
+            "must be a relative path beneath runtime.data_root without `..`, e.g. \"notes/{tenant}\""
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Creates `relative` beneath `root` with cap-std, which refuses to follow
+/// `..`, absolute paths or symlinks out of `root`, and returns the host path.
+fn ensure_beneath(root: &Path, relative: &Path) -> Result<PathBuf, GrantError> {
+    let err = |source| GrantError::Dir {
+        path: relative.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(root).map_err(err)?;
+    let root_dir = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority()).map_err(err)?;
+    root_dir.create_dir_all(relative).map_err(err)?;
+    // Opening it through the capability proves it resolves inside the root.
+    root_dir.open_dir(relative).map_err(err)?;
+    Ok(root.join(relative))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_must_stay_beneath_the_root() {
+        assert!(check_template("notes/{tenant}").is_ok());
+        assert!(check_template("../etc").is_err());
+        assert!(check_template("/etc").is_err());
+        assert!(check_template("a/{user}").is_err());
+        assert!(check_template("").is_err());
+    }
+
+    #[test]
+    fn tenant_ids_are_path_safe() {
+        assert!(valid_tenant_id("acme-1"));
+        for bad in ["", "..", "a/../b", "/abs", "A", "-x", "a b", "é"] {
+            assert!(!valid_tenant_id(bad), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = Config::parse("[runtime]\ntools_dri = \"x\"\n", "test", ".".into()).unwrap_err();
+        assert!(err.to_string().contains("tools_dri"), "{err}");
+    }
+
+    #[test]
+    fn symlinks_out_of_the_data_root_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("link")).unwrap();
+        assert!(ensure_beneath(root.path(), Path::new("link/x")).is_err());
+        assert!(ensure_beneath(root.path(), Path::new("ok/x")).is_ok());
+    }
+}

@@ -1,0 +1,393 @@
+//! The sandbox runtime: one wasmtime `Engine`, a tool component compiled once
+//! and pre-linked, and a fresh `Store` + instance for every call.
+//!
+//! This module knows nothing of HTTP, sessions or tenants: a caller hands it
+//! the tool, the arguments, the grants and limits computed for this call and a
+//! sink for events, and gets back an MCP result or a [`CallFailure`].
+
+mod bindings;
+mod cache;
+mod component;
+mod events;
+mod grants;
+mod host;
+mod inspect;
+mod limits;
+mod output;
+mod registry;
+mod state;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use wasmtime::component::Linker;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+pub use cache::{CacheStatus, CompileCache};
+pub use component::{LoadError, ToolComponent, ToolInfo};
+pub use events::{CallEvent, EventSink, LogLevel};
+pub use grants::{DirGrant, DirMode, Grants};
+pub use inspect::inspect;
+pub use limits::Limits;
+pub use output::CallFailure;
+pub use registry::{
+    LoadProblem, Registry, RegistryHandle, ToolEntry, ToolSource, ToolsChanged, WatchGuard,
+};
+
+use bindings::ToolProvider;
+use state::HostState;
+
+/// Engine-wide settings: fixed for the life of the process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSettings {
+    /// Instances that may exist at once (the pooling allocator's slots).
+    /// Calls beyond it fail fast with "unavailable".
+    pub max_instances: u32,
+    /// The most memory any one call may be given, in bytes (the ceiling of
+    /// every per-tool `memory_bytes`).
+    pub max_memory_bytes: u64,
+    /// Meter fuel. Needed for per-tool `fuel` budgets; costs some speed.
+    pub fuel: bool,
+    /// Interval of the epoch ticker that interrupts running guests, in ms.
+    /// Deadlines and cancellation act within about one tick.
+    pub epoch_tick_ms: u64,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            max_instances: 256,
+            max_memory_bytes: 512 << 20,
+            fuel: false,
+            epoch_tick_ms: 5,
+        }
+    }
+}
+
+/// Everything a call needs besides the tool and its arguments.
+#[derive(Debug)]
+pub struct CallSpec {
+    /// The capabilities granted for this call.
+    pub grants: Grants,
+    /// The bounds of this call.
+    pub limits: Limits,
+    /// Where log and progress events go.
+    pub events: EventSink,
+    /// Cancelled by the caller to stop the call promptly.
+    pub cancel: CancellationToken,
+}
+
+impl CallSpec {
+    /// No grants, default limits, events discarded, never cancelled.
+    pub fn bare() -> Self {
+        CallSpec {
+            grants: Grants::default(),
+            limits: Limits::default(),
+            events: EventSink::discard(),
+            cancel: CancellationToken::new(),
+        }
+    }
+}
+
+/// Measurements of one call, for logs, metrics and audit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallStats {
+    /// Store creation and instantiation.
+    pub instantiate: Duration,
+    /// The guest's `call-tool`, until it returned or was stopped.
+    pub execute: Duration,
+    /// Fuel consumed, when metered.
+    pub fuel_consumed: Option<u64>,
+    /// Highest linear memory held by the guest, in bytes.
+    pub peak_memory: u64,
+    /// Log/progress events dropped over the call's budget.
+    pub events_dropped: u32,
+}
+
+/// The result of one call.
+#[derive(Debug)]
+pub struct CallOutcome {
+    /// The MCP result, or why there is none.
+    pub result: Result<rmcp::model::CallToolResult, CallFailure>,
+    /// What the call cost.
+    pub stats: CallStats,
+}
+
+/// The engine, the linker with every host interface, and the epoch ticker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    settings: EngineSettings,
+    _ticker: EpochTicker,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Creates the engine (pooling allocator, epoch interruption) and links
+    /// WASI 0.2 and the `cordon:tool` host interfaces.
+    pub fn new(settings: EngineSettings) -> anyhow::Result<Self> {
+        let engine = Engine::new(&engine_config(&settings))
+            .map_err(|e| anyhow::anyhow!("cannot create the wasm engine: {e}"))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
+        ToolProvider::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|e| anyhow::anyhow!("cannot link the cordon:tool interfaces: {e}"))?;
+        let ticker = EpochTicker::start(
+            engine.clone(),
+            Duration::from_millis(settings.epoch_tick_ms.max(1)),
+        )
+        .map_err(|e| anyhow::anyhow!("cannot start the epoch thread: {e}"))?;
+        Ok(Runtime {
+            engine,
+            linker,
+            settings,
+            _ticker: ticker,
+        })
+    }
+
+    /// The engine, e.g. for a [`CompileCache`].
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine-wide settings.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// Runs tool `name` of `component` with `arguments` (already validated
+    /// against its input schema by the caller, see [`ToolEntry::check_arguments`])
+    /// in a fresh instance, within `spec`'s limits.
+    pub async fn call(
+        &self,
+        component: &ToolComponent,
+        name: &str,
+        arguments: &str,
+        spec: CallSpec,
+    ) -> CallOutcome {
+        let CallSpec {
+            grants,
+            limits,
+            events,
+            cancel,
+        } = spec;
+        let mut stats = CallStats::default();
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + limits.timeout;
+
+        let (state, stdio) = match HostState::new(&grants, &limits, events) {
+            Ok(parts) => parts,
+            Err(e) => {
+                return CallOutcome {
+                    result: Err(CallFailure::Unavailable(e.to_string())),
+                    stats,
+                };
+            }
+        };
+        let mut store = match self.new_store(state, &limits) {
+            Ok(store) => store,
+            Err(e) => {
+                return CallOutcome {
+                    result: Err(CallFailure::Unavailable(e.to_string())),
+                    stats,
+                };
+            }
+        };
+
+        let run = async {
+            // Instantiation errors are the outer error, the guest's own
+            // failures the inner one.
+            let instance = component.pre().instantiate_async(&mut store).await?;
+            let instantiated = Instant::now();
+            let result = instance
+                .cordon_tool_tool()
+                .call_call_tool(&mut store, name, arguments)
+                .await;
+            Ok::<_, wasmtime::Error>((instantiated, result))
+        };
+
+        let finished = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Err(CallFailure::Cancelled),
+            _ = tokio::time::sleep_until(deadline) => Err(CallFailure::Timeout(limits.timeout)),
+            finished = run => Ok(finished),
+        };
+        let ended = Instant::now();
+
+        let result = match finished {
+            Err(failure) => {
+                stats.execute = ended - started;
+                Err(failure)
+            }
+            Ok(Err(e)) => {
+                stats.instantiate = ended - started;
+                Err(self.classify_trap(&store, &limits, &stdio, e, true))
+            }
+            Ok(Ok((instantiated, result))) => {
+                stats.instantiate = instantiated - started;
+                stats.execute = ended - instantiated;
+                match result {
+                    Err(e) => {
+                        Err(self.classify_trap(&store, &limits, &stdio, e, false))
+                    }
+                    Ok(Ok(result)) => output::to_mcp(result)
+                        .and_then(|r| component.check_output(name, r, limits.max_output_bytes)),
+                    Ok(Err(bindings::types::CallError::UnknownTool(n))) => {
+                        Err(CallFailure::UnknownTool(n))
+                    }
+                    Ok(Err(bindings::types::CallError::InvalidArguments(m))) => {
+                        Err(CallFailure::InvalidArguments(m))
+                    }
+                    Ok(Err(bindings::types::CallError::Failed(m))) => {
+                        Err(CallFailure::ToolFailed(m))
+                    }
+                }
+            }
+        };
+
+        stats.peak_memory = store.data().limiter.peak_memory as u64;
+        stats.events_dropped = store.data().events.dropped();
+        if let Some(budget) = limits.fuel.filter(|_| self.settings.fuel) {
+            stats.fuel_consumed = store.get_fuel().ok().map(|left| budget - left.min(budget));
+        }
+        log_stdio(name, &stdio);
+        CallOutcome { result, stats }
+    }
+
+    /// A Store for one call, with its limiter, epoch deadline and fuel set.
+    fn new_store(&self, state: HostState, limits: &Limits) -> wasmtime::Result<Store<HostState>> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        // Yield to the executor at every epoch tick: a guest that never calls
+        // the host still gives its tokio worker back, and the deadline and
+        // cancellation branches of `call` get polled.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_async_yield_and_update(1);
+        if self.settings.fuel {
+            store.set_fuel(limits.fuel.unwrap_or(u64::MAX))?;
+        }
+        Ok(store)
+    }
+
+    /// Turns a wasmtime error into the failure the caller should see.
+    fn classify_trap(
+        &self,
+        store: &Store<HostState>,
+        limits: &Limits,
+        stdio: &state::Stdio,
+        error: wasmtime::Error,
+        instantiating: bool,
+    ) -> CallFailure {
+        if store.data().limiter.memory_limit_hit {
+            return CallFailure::MemoryLimit(limits.memory_bytes);
+        }
+        let trap = error.downcast_ref::<wasmtime::Trap>().copied();
+        if trap == Some(wasmtime::Trap::OutOfFuel) {
+            return CallFailure::FuelExhausted(limits.fuel.unwrap_or(0));
+        }
+        let stderr = stdio.stderr.contents();
+        let stderr = String::from_utf8_lossy(&stderr);
+        if let Some(panic) = panic_message(&stderr) {
+            return CallFailure::Panicked(panic);
+        }
+        if instantiating && trap.is_none() {
+            // Not a guest fault: e.g. the pool is full or a limit is too small.
+            return CallFailure::Unavailable(format!("{error:#}"));
+        }
+        let what = match trap {
+            Some(trap) => trap.to_string(),
+            None => format!("{error:#}"),
+        };
+        CallFailure::Trap(what)
+    }
+}
+
+/// Extracts a Rust panic message ("panicked at ...:\nMESSAGE") from stderr.
+fn panic_message(stderr: &str) -> Option<String> {
+    let at = stderr.find("panicked at ")?;
+    let rest = &stderr[at + "panicked at ".len()..];
+    let message = match rest.split_once(":\n") {
+        Some((_location, message)) => message.lines().next().unwrap_or_default(),
+        None => rest.lines().next().unwrap_or_default(),
+    };
+    Some(message.trim().chars().take(1024).collect())
+}
+
+fn log_stdio(tool: &str, stdio: &state::Stdio) {
+    for (stream, pipe) in [("stdout", &stdio.stdout), ("stderr", &stdio.stderr)] {
+        let bytes = pipe.contents();
+        if !bytes.is_empty() {
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]);
+            tracing::debug!(tool, stream, bytes = bytes.len(), "guest output: {text}");
+        }
+    }
+}
+
+fn engine_config(settings: &EngineSettings) -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    config.consume_fuel(settings.fuel);
+    let instances = settings.max_instances.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    // A Rust tool component holds one memory and a handful of core instances
+    // and tables; these totals leave room for components built by other
+    // toolchains, and a component that needs more fails to instantiate with
+    // a clear error rather than starving the pool.
+    pool.total_component_instances(instances)
+        .total_core_instances(instances.saturating_mul(10))
+        .total_memories(instances.saturating_mul(2))
+        .total_tables(instances.saturating_mul(10))
+        .total_stacks(instances)
+        .max_memory_size(usize::try_from(settings.max_memory_bytes).unwrap_or(usize::MAX));
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
+}
+
+/// A thread that advances the engine's epoch at a fixed interval, so running
+/// guests reach their epoch deadline and yield. Stopped on drop.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine, tick: Duration) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("cordon-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(EpochTicker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The state one Store owns for one call: WASI context, resource table,
+//! limiter, event sink and granted config values. It is built fresh for every
+//! call and dropped with the Store, so nothing survives between calls.
+
+use std::collections::BTreeMap;
+
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{FsPerms, ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use super::events::EventSink;
+use super::grants::{DirMode, Grants};
+use super::limits::{CallLimiter, Limits};
+
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: CallLimiter,
+    pub(crate) events: EventSink,
+    pub(crate) config: BTreeMap<String, String>,
+}
+
+/// The captured stdout and stderr of a call.
+pub(crate) struct Stdio {
+    pub(crate) stdout: MemoryOutputPipe,
+    pub(crate) stderr: MemoryOutputPipe,
+}
+
+impl HostState {
+    /// Builds the state for one call: only what `grants` lists is reachable.
+    pub(crate) fn new(
+        grants: &Grants,
+        limits: &Limits,
+        mut events: EventSink,
+    ) -> std::io::Result<(Self, Stdio)> {
+        let stdio_cap = usize::try_from(limits.max_stdio_bytes).unwrap_or(usize::MAX);
+        let stdio = Stdio {
+            stdout: MemoryOutputPipe::new(stdio_cap),
+            stderr: MemoryOutputPipe::new(stdio_cap),
+        };
+        // WasiCtxBuilder::new() already means: no env, no args, stdin closed,
+        // no preopens, no name lookup, no socket address allowed. We also
+        // switch TCP and UDP off so socket creation itself fails.
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.stdout(stdio.stdout.clone())
+            .stderr(stdio.stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        for dir in &grants.dirs {
+            let perms = match dir.mode {
+                DirMode::Ro => FsPerms::ReadOnly,
+                DirMode::Rw => FsPerms::ReadWrite,
+            };
+            wasi.preopened_dir(&dir.host_path, &dir.guest_path, perms)
+                .map_err(|e| {
+                    std::io::Error::other(format!(
+                        "cannot open granted directory {}: {e}",
+                        dir.host_path.display()
+                    ))
+                })?;
+        }
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(limits.max_handles as usize);
+        events.limit(limits.max_notifications);
+        let state = HostState {
+            wasi: wasi.build(),
+            table,
+            limiter: CallLimiter::new(limits.memory_bytes),
+            events,
+            config: grants.config.clone(),
+        };
+        Ok((state, stdio))
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}

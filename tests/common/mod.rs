@@ -1,0 +1,167 @@
+//! Shared test harness: builds the guest components once per test process
+//! (for real, with cargo, for wasm32-wasip2) and opens Cordon on a private
+//! tools directory, data root and config.
+
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use cordon::app::App;
+use cordon::config::Config;
+use cordon::dispatch::{CallRequest, Principal};
+use cordon::runtime::{CallEvent, CallFailure, CallOutcome, EventSink, LogLevel};
+use rmcp::model::CallToolResult;
+use tokio::sync::mpsc;
+
+/// Every guest the tests use: the example tools and the hostile fixture.
+pub const GUESTS: &[&str] = &["text", "notes", "conformance", "hostile"];
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Builds every guest (once per process) and returns the directory holding
+/// the `.wasm` files. Panics with the fix when the target is missing.
+pub fn guest_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root())
+            .args(["build", "--release", "--target", "wasm32-wasip2"]);
+        for guest in GUESTS {
+            cmd.args(["-p", guest]);
+        }
+        let out = cmd.output().expect("running cargo to build the guests");
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if stderr.contains("wasm32-wasip2") && stderr.contains("target may not be installed") {
+                panic!("the wasm32-wasip2 target is missing: run `rustup target add wasm32-wasip2`\n{stderr}");
+            }
+            panic!("building the guest components failed:\n{stderr}");
+        }
+        target_dir().join("wasm32-wasip2/release")
+    })
+}
+
+/// The path of a built guest.
+pub fn guest(name: &str) -> PathBuf {
+    guest_dir().join(format!("{name}.wasm"))
+}
+
+/// A compile cache shared by all tests (compiling is the slow part).
+pub fn shared_cache_dir() -> PathBuf {
+    target_dir().join("cordon-test-cache")
+}
+
+/// A private Cordon: its own tools directory (holding copies of `guests`),
+/// data root and config. `extra` is appended to the generated config.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+    pub app: App,
+}
+
+impl Sandbox {
+    pub async fn new(guests: &[&str], extra: &str) -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        let tools = dir.path().join("tools");
+        std::fs::create_dir_all(&tools).unwrap();
+        for g in guests {
+            std::fs::copy(guest(g), tools.join(format!("{g}.wasm"))).unwrap();
+        }
+        let config = Sandbox::config_text(&shared_cache_dir(), extra);
+        std::fs::write(dir.path().join("cordon.toml"), &config).unwrap();
+        let config = Config::load(&dir.path().join("cordon.toml")).unwrap();
+        let app = App::open(config, false).await.unwrap();
+        let problems = app.dispatcher.registry().snapshot().problems().to_vec();
+        assert!(problems.is_empty(), "load problems: {problems:?}");
+        Sandbox { dir, app }
+    }
+
+    pub fn config_text(cache: &Path, extra: &str) -> String {
+        format!(
+            "[runtime]\ntools_dir = \"tools\"\ndata_root = \"data\"\ncache_dir = {cache:?}\nwatch = false\n\n{extra}\n"
+        )
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Calls `tool` as tenant `t1`.
+    pub async fn call(&self, tool: &str, arguments: serde_json::Value) -> CallOutcome {
+        self.call_as("t1", tool, arguments).await
+    }
+
+    pub async fn call_as(&self, tenant: &str, tool: &str, arguments: serde_json::Value) -> CallOutcome {
+        self.app
+            .dispatcher
+            .call(
+                &Principal::local(tenant),
+                CallRequest {
+                    tool: tool.into(),
+                    arguments,
+                    events: EventSink::discard(),
+                    cancel: Default::default(),
+                },
+            )
+            .await
+    }
+
+    /// Calls `tool` and collects every event it sent.
+    pub async fn call_with_events(&self, tool: &str, arguments: serde_json::Value) -> (CallOutcome, Vec<CallEvent>) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let outcome = self
+            .app
+            .dispatcher
+            .call(
+                &Principal::local("t1"),
+                CallRequest {
+                    tool: tool.into(),
+                    arguments,
+                    events: EventSink::new(tx, Some(LogLevel::Debug), true),
+                    cancel: Default::default(),
+                },
+            )
+            .await;
+        let mut events = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            events.push(e);
+        }
+        (outcome, events)
+    }
+
+    /// Calls `tool` and expects a successful (not isError) result.
+    pub async fn ok(&self, tool: &str, arguments: serde_json::Value) -> CallToolResult {
+        let outcome = self.call(tool, arguments).await;
+        let result = outcome.result.unwrap_or_else(|e| panic!("{tool} failed: {e}"));
+        assert_ne!(result.is_error, Some(true), "{tool} returned isError: {}", text(&result));
+        result
+    }
+
+    /// Calls `tool` and expects a failure.
+    pub async fn failure(&self, tool: &str, arguments: serde_json::Value) -> CallFailure {
+        match self.call(tool, arguments).await.result {
+            Ok(r) => panic!("{tool} was expected to fail but returned: {}", text(&r)),
+            Err(e) => e,
+        }
+    }
+}
+
+/// The text of every text block, joined with newlines.
+pub fn text(result: &CallToolResult) -> String {
+    result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
