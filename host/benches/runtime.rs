@@ -1,0 +1,133 @@
+//! Host-side cost of the sandbox, in release:
+//!
+//! - one call of a trivial tool: fresh Store + instantiate + call + drop
+//!   (p50/p99 over many calls), straight into the runtime and through the
+//!   dispatcher (argument check, grants, limits);
+//! - start-up of a directory of 50 tool components, with a cold and a warm
+//!   compile cache.
+//!
+//! Run: `cargo bench -p cordon --bench runtime` (prints the figures that
+//! BENCHMARKS.md records).
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cordon::app::App;
+use cordon::config::Config;
+use cordon::dispatch::{CallRequest, Principal};
+use cordon::runtime::{CallSpec, EventSink};
+
+const WARMUP: usize = 2_000;
+const ITERATIONS: usize = 20_000;
+const COMPONENTS: usize = 50;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+fn report(label: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    println!(
+        "{label:<44} p50 {:>7.1} µs   p99 {:>7.1} µs   mean {:>7.1} µs   (n = {})",
+        percentile(&samples, 0.50).as_secs_f64() * 1e6,
+        percentile(&samples, 0.99).as_secs_f64() * 1e6,
+        mean.as_secs_f64() * 1e6,
+        samples.len()
+    );
+}
+
+/// Appends a custom section so each copy has its own digest (and cache entry).
+fn distinct_copy(wasm: &[u8], n: usize) -> Vec<u8> {
+    let payload = format!("copy-{n}");
+    let name = b"cordon-bench";
+    let mut section = vec![name.len() as u8];
+    section.extend_from_slice(name);
+    section.extend_from_slice(payload.as_bytes());
+    let mut out = wasm.to_vec();
+    out.push(0); // custom section id
+    out.push(section.len() as u8); // < 128: one LEB128 byte
+    out.extend_from_slice(&section);
+    out
+}
+
+async fn single_call() {
+    let sandbox = common::Sandbox::new(&["conformance"], "").await;
+    let registry = sandbox.app.dispatcher.registry().snapshot();
+    let entry = registry.tool("echo").expect("the conformance tool provides echo").clone();
+    let runtime = sandbox.app.dispatcher.registry().runtime().clone();
+    let args = r#"{"message":"hi"}"#;
+
+    let mut samples = Vec::with_capacity(ITERATIONS);
+    for i in 0..WARMUP + ITERATIONS {
+        let started = Instant::now();
+        let outcome = runtime.call(&entry.component, "echo", args, CallSpec::bare()).await;
+        let elapsed = started.elapsed();
+        assert!(outcome.result.is_ok());
+        if i >= WARMUP {
+            samples.push(elapsed);
+        }
+    }
+    report("runtime: instantiate + call + drop", samples);
+
+    let principal = Principal::local("bench");
+    let mut samples = Vec::with_capacity(ITERATIONS);
+    for i in 0..WARMUP + ITERATIONS {
+        let request = CallRequest {
+            tool: "echo".into(),
+            arguments: serde_json::json!({"message": "hi"}),
+            events: EventSink::discard(),
+            cancel: Default::default(),
+        };
+        let started = Instant::now();
+        let outcome = sandbox.app.dispatcher.call(&principal, request).await;
+        let elapsed = started.elapsed();
+        assert!(outcome.result.is_ok());
+        if i >= WARMUP {
+            samples.push(elapsed);
+        }
+    }
+    report("dispatcher: check + grants + call + drop", samples);
+}
+
+async fn cold_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = dir.path().join("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    let wasm = std::fs::read(common::guest("text")).unwrap();
+    for n in 0..COMPONENTS {
+        std::fs::write(tools.join(format!("tool{n:02}.wasm")), distinct_copy(&wasm, n)).unwrap();
+    }
+    let cache = dir.path().join("cache");
+    std::fs::write(dir.path().join("cordon.toml"), common::Sandbox::config_text(&cache, "")).unwrap();
+    let config = Config::load(&dir.path().join("cordon.toml")).unwrap();
+
+    for (label, runs) in [("cold compile cache", 1), ("warm compile cache", 5)] {
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let started = Instant::now();
+            let app = App::open(config.clone(), false).await.unwrap();
+            times.push(started.elapsed());
+            let snapshot = app.dispatcher.registry().snapshot();
+            assert_eq!(snapshot.components().len(), COMPONENTS);
+        }
+        times.sort();
+        println!(
+            "start-up, {COMPONENTS} components, {label:<20} median {:>8.1} ms   (runs: {runs}, {} KiB each)",
+            times[times.len() / 2].as_secs_f64() * 1e3,
+            wasm.len() / 1024
+        );
+    }
+}
+
+fn main() {
+    // cargo bench passes `--bench`; nothing else to parse.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    common::guest_dir();
+    println!("cordon runtime benchmark (release host, {} CPUs)", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    rt.block_on(single_call());
+    rt.block_on(cold_start());
+}
