@@ -226,8 +226,9 @@ async fn no_environment_arguments_or_sockets() {
 async fn cancellation_stops_a_running_guest_promptly() {
     let sandbox = hostile().await;
     let cancel = tokio_util::sync::CancellationToken::new();
+    let principal = cordon::dispatch::Principal::local("t1");
     let call = sandbox.app.dispatcher.call(
-        &cordon::dispatch::Principal::local("t1"),
+        &principal,
         cordon::dispatch::CallRequest {
             tool: "spin".into(),
             arguments: json!({}),
