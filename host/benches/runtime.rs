@@ -57,21 +57,32 @@ fn distinct_copy(wasm: &[u8], n: usize) -> Vec<u8> {
 async fn single_call() {
     let sandbox = common::Sandbox::new(&["conformance"], "").await;
     let registry = sandbox.app.dispatcher.registry().snapshot();
-    let entry = registry.tool("echo").expect("the conformance tool provides echo").clone();
+    let entry = registry
+        .tool("echo")
+        .expect("the conformance tool provides echo")
+        .clone();
     let runtime = sandbox.app.dispatcher.registry().runtime().clone();
     let args = r#"{"message":"hi"}"#;
 
     let mut samples = Vec::with_capacity(ITERATIONS);
+    let mut instantiate = Vec::with_capacity(ITERATIONS);
+    let mut execute = Vec::with_capacity(ITERATIONS);
     for i in 0..WARMUP + ITERATIONS {
         let started = Instant::now();
-        let outcome = runtime.call(&entry.component, "echo", args, CallSpec::bare()).await;
+        let outcome = runtime
+            .call(&entry.component, "echo", args, CallSpec::bare())
+            .await;
         let elapsed = started.elapsed();
         assert!(outcome.result.is_ok());
         if i >= WARMUP {
             samples.push(elapsed);
+            instantiate.push(outcome.stats.instantiate);
+            execute.push(outcome.stats.execute);
         }
     }
     report("runtime: instantiate + call + drop", samples);
+    report("  of which: store + instantiate", instantiate);
+    report("  of which: call-tool", execute);
 
     let principal = Principal::local("bench");
     let mut samples = Vec::with_capacity(ITERATIONS);
@@ -99,10 +110,18 @@ async fn cold_start() {
     std::fs::create_dir_all(&tools).unwrap();
     let wasm = std::fs::read(common::guest("text")).unwrap();
     for n in 0..COMPONENTS {
-        std::fs::write(tools.join(format!("tool{n:02}.wasm")), distinct_copy(&wasm, n)).unwrap();
+        std::fs::write(
+            tools.join(format!("tool{n:02}.wasm")),
+            distinct_copy(&wasm, n),
+        )
+        .unwrap();
     }
     let cache = dir.path().join("cache");
-    std::fs::write(dir.path().join("cordon.toml"), common::Sandbox::config_text(&cache, "")).unwrap();
+    std::fs::write(
+        dir.path().join("cordon.toml"),
+        common::Sandbox::config_text(&cache, ""),
+    )
+    .unwrap();
     let config = Config::load(&dir.path().join("cordon.toml")).unwrap();
 
     for (label, runs) in [("cold compile cache", 1), ("warm compile cache", 5)] {
@@ -125,9 +144,15 @@ async fn cold_start() {
 
 fn main() {
     // cargo bench passes `--bench`; nothing else to parse.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     common::guest_dir();
-    println!("cordon runtime benchmark (release host, {} CPUs)", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "cordon runtime benchmark (release host, {} CPUs)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     rt.block_on(single_call());
     rt.block_on(cold_start());
 }

@@ -36,7 +36,10 @@ impl App {
         let registry = RegistryHandle::load(runtime, cache, config.tool_source()).await;
         let watch = if allow_watch && config.runtime.watch {
             Some(registry.watch().with_context(|| {
-                format!("cannot watch the tools directory {}", config.tools_dir().display())
+                format!(
+                    "cannot watch the tools directory {}",
+                    config.tools_dir().display()
+                )
             })?)
         } else {
             None

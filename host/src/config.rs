@@ -255,10 +255,14 @@ impl Config {
     /// Everything wrong with this configuration (empty when it is usable).
     pub fn problems(&self) -> Vec<ConfigProblem> {
         let mut problems = Vec::new();
-        let mut problem = |key: String, message: String| problems.push(ConfigProblem { key, message });
+        let mut problem =
+            |key: String, message: String| problems.push(ConfigProblem { key, message });
         let engine = &self.runtime.engine;
         if engine.max_instances == 0 {
-            problem("runtime.engine.max_instances".into(), "must be at least 1".into());
+            problem(
+                "runtime.engine.max_instances".into(),
+                "must be at least 1".into(),
+            );
         }
         if engine.max_memory_mib == 0 || engine.max_memory_mib > 4096 {
             problem(
@@ -369,7 +373,8 @@ impl Config {
 
     /// The compile cache directory, resolved (`None` when disabled).
     pub fn cache_dir(&self) -> Option<PathBuf> {
-        (!self.runtime.cache_dir.as_os_str().is_empty()).then(|| self.resolve(&self.runtime.cache_dir))
+        (!self.runtime.cache_dir.as_os_str().is_empty())
+            .then(|| self.resolve(&self.runtime.cache_dir))
     }
 
     /// The data root, resolved.
@@ -480,7 +485,8 @@ fn ensure_beneath(root: &Path, relative: &Path) -> Result<PathBuf, GrantError> {
         source,
     };
     std::fs::create_dir_all(root).map_err(err)?;
-    let root_dir = cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority()).map_err(err)?;
+    let root_dir =
+        cap_std::fs::Dir::open_ambient_dir(root, cap_std::ambient_authority()).map_err(err)?;
     root_dir.create_dir_all(relative).map_err(err)?;
     // Opening it through the capability proves it resolves inside the root.
     root_dir.open_dir(relative).map_err(err)?;

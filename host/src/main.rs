@@ -129,7 +129,9 @@ fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
         Some(path) => Config::load(path)?,
         None => {
             tracing::info!("no --config given: using the built-in demo config");
-            Config::demo().context("run `scripts/demo` once to build the example tools, or pass --config FILE")?
+            Config::demo().context(
+                "run `scripts/demo` once to build the example tools, or pass --config FILE",
+            )?
         }
     })
 }
@@ -142,7 +144,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             report_problems(&app);
             let tools = app.dispatcher.list_tools(&Principal::local("local")).len();
             tracing::info!(tools, "tools loaded; press Ctrl-C to stop");
-            tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+            tokio::signal::ctrl_c()
+                .await
+                .context("waiting for Ctrl-C")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Tools {
@@ -179,10 +183,21 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let printer = tokio::spawn(async move {
                 while let Some(event) = rx.recv().await {
                     match event {
-                        CallEvent::Log { level, logger, data } => {
-                            eprintln!("[{level:?}] {}{data}", logger.map(|l| format!("{l}: ")).unwrap_or_default())
+                        CallEvent::Log {
+                            level,
+                            logger,
+                            data,
+                        } => {
+                            eprintln!(
+                                "[{level:?}] {}{data}",
+                                logger.map(|l| format!("{l}: ")).unwrap_or_default()
+                            )
                         }
-                        CallEvent::Progress { progress, total, message } => eprintln!(
+                        CallEvent::Progress {
+                            progress,
+                            total,
+                            message,
+                        } => eprintln!(
                             "[progress] {progress}{} {}",
                             total.map(|t| format!("/{t}")).unwrap_or_default(),
                             message.unwrap_or_default()
@@ -206,7 +221,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             match outcome.result {
                 Ok(result) => {
                     println!("{}", serde_json::to_string_pretty(&result)?);
-                    Ok(if result.is_error == Some(true) { ExitCode::from(1) } else { ExitCode::SUCCESS })
+                    Ok(if result.is_error == Some(true) {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    })
                 }
                 Err(failure) => {
                     eprintln!("error ({}): {failure}", failure.kind());
@@ -219,7 +238,11 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => {
             let config = load_config(&config)?;
-            println!("configuration OK: {} tool component(s) configured, tools from {}", config.tools.len(), config.tools_dir().display());
+            println!(
+                "configuration OK: {} tool component(s) configured, tools from {}",
+                config.tools.len(),
+                config.tools_dir().display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -230,7 +253,11 @@ fn report_problems(app: &App) -> ExitCode {
     for problem in snapshot.problems() {
         eprintln!("warning: {problem}");
     }
-    if snapshot.problems().is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) }
+    if snapshot.problems().is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
 }
 
 async fn inspect(file: &Path) -> anyhow::Result<ExitCode> {

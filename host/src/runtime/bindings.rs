@@ -8,4 +8,4 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub(crate) use cordon::tool::types;
+pub(crate) use self::cordon::tool::types;

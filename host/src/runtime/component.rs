@@ -7,6 +7,7 @@ use rmcp::model::{CallToolResult, JsonObject, Tool, ToolAnnotations};
 use sha2::{Digest, Sha256};
 use wasmtime::Store;
 
+use super::Runtime;
 use super::bindings::{ToolProviderPre, types};
 use super::cache::{CacheStatus, CompileCache};
 use super::events::EventSink;
@@ -14,7 +15,6 @@ use super::grants::Grants;
 use super::limits::Limits;
 use super::output::CallFailure;
 use super::state::HostState;
-use super::Runtime;
 
 /// Why a component could not be loaded. The message names the file and what
 /// to do about it.
@@ -58,7 +58,9 @@ pub struct ToolInfo {
 
 impl std::fmt::Debug for ToolInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ToolInfo").field("tool", &self.tool).finish_non_exhaustive()
+        f.debug_struct("ToolInfo")
+            .field("tool", &self.tool)
+            .finish_non_exhaustive()
     }
 }
 
@@ -131,10 +133,12 @@ impl ToolComponent {
             path: path.to_owned(),
             message,
         };
-        let wasm = tokio::fs::read(path).await.map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let wasm = tokio::fs::read(path)
+            .await
+            .map_err(|source| LoadError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
         let sha256 = hex::encode(Sha256::digest(&wasm));
         if let Some(expected) = pin
             && !expected.eq_ignore_ascii_case(&sha256)
@@ -181,7 +185,10 @@ impl ToolComponent {
         for def in definitions {
             let name = def.name.clone();
             let info = tool_info(def).map_err(|e| invalid(format!("tool `{name}`: {e}")))?;
-            if tools.iter().any(|t: &Arc<ToolInfo>| t.tool.name == info.tool.name) {
+            if tools
+                .iter()
+                .any(|t: &Arc<ToolInfo>| t.tool.name == info.tool.name)
+            {
                 return Err(invalid(format!("it lists the tool `{name}` twice")));
             }
             tools.push(Arc::new(info));
@@ -194,11 +201,15 @@ impl ToolComponent {
         let limits = Limits::default();
         let (state, _stdio) = HostState::new(&Grants::default(), &limits, EventSink::discard())
             .map_err(|e| e.to_string())?;
-        let mut store: Store<HostState> =
-            runtime.new_store(state, &limits).map_err(|e| format!("{e:#}"))?;
+        let mut store: Store<HostState> = runtime
+            .new_store(state, &limits)
+            .map_err(|e| format!("{e:#}"))?;
         let listing = async {
             let instance = self.pre.instantiate_async(&mut store).await?;
-            instance.cordon_tool_tool().call_list_tools(&mut store).await
+            instance
+                .cordon_tool_tool()
+                .call_list_tools(&mut store)
+                .await
         };
         match tokio::time::timeout(limits.timeout, listing).await {
             Ok(Ok(definitions)) => Ok(definitions),
@@ -246,7 +257,9 @@ impl ToolComponent {
         result: CallToolResult,
         max_bytes: u64,
     ) -> Result<CallToolResult, CallFailure> {
-        let size = serde_json::to_vec(&result).map(|v| v.len() as u64).unwrap_or(u64::MAX);
+        let size = serde_json::to_vec(&result)
+            .map(|v| v.len() as u64)
+            .unwrap_or(u64::MAX);
         if size > max_bytes {
             return Err(CallFailure::OutputTooLarge {
                 size,
@@ -310,7 +323,11 @@ fn tool_info(def: types::ToolDefinition) -> Result<ToolInfo, String> {
     if let Some(schema) = output_schema {
         tool = tool.with_raw_output_schema(schema);
     }
-    if a.read_only.is_some() || a.destructive.is_some() || a.idempotent.is_some() || a.open_world.is_some() {
+    if a.read_only.is_some()
+        || a.destructive.is_some()
+        || a.idempotent.is_some()
+        || a.open_world.is_some()
+    {
         let mut annotations = ToolAnnotations::new();
         annotations.read_only_hint = a.read_only;
         annotations.destructive_hint = a.destructive;

@@ -40,7 +40,11 @@ pub async fn inspect(path: &Path) -> anyhow::Result<String> {
                     tool.name,
                     tool.description.as_deref().unwrap_or("")
                 )?;
-                writeln!(out, "    input: {}", serde_json::to_string(&tool.input_schema)?)?;
+                writeln!(
+                    out,
+                    "    input: {}",
+                    serde_json::to_string(&tool.input_schema)?
+                )?;
                 if let Some(schema) = &tool.output_schema {
                     writeln!(out, "    output: {}", serde_json::to_string(schema)?)?;
                 }

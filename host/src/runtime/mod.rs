@@ -143,6 +143,8 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| anyhow::anyhow!("cannot link WASI: {e}"))?;
+        host::add_quota_to_linker(&mut linker)
+            .map_err(|e| anyhow::anyhow!("cannot link the directory quotas: {e}"))?;
         ToolProvider::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
             .map_err(|e| anyhow::anyhow!("cannot link the cordon:tool interfaces: {e}"))?;
         let ticker = EpochTicker::start(
@@ -240,9 +242,7 @@ impl Runtime {
                 stats.instantiate = instantiated - started;
                 stats.execute = ended - instantiated;
                 match result {
-                    Err(e) => {
-                        Err(self.classify_trap(&store, &limits, &stdio, e, false))
-                    }
+                    Err(e) => Err(self.classify_trap(&store, &limits, &stdio, e, false)),
                     Ok(Ok(result)) => output::to_mcp(result)
                         .and_then(|r| component.check_output(name, r, limits.max_output_bytes)),
                     Ok(Err(bindings::types::CallError::UnknownTool(n))) => {

@@ -166,7 +166,11 @@ impl RegistryHandle {
     /// copy in progress must not take a tool away). Returns the new snapshot.
     pub async fn reload(&self) -> Arc<Registry> {
         let _one_at_a_time = self.reloading.lock().await;
-        let source = self.source.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let source = self
+            .source
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let previous = self.snapshot();
         let mut problems = Vec::new();
         let files = match wasm_files(&source.dir) {
@@ -301,13 +305,19 @@ impl RegistryHandle {
     /// Watches the tools directory and reloads after changes settle.
     /// The watch ends when the returned guard is dropped.
     pub fn watch(self: &Arc<Self>) -> notify::Result<WatchGuard> {
-        let dir = self.source.read().unwrap_or_else(|e| e.into_inner()).dir.clone();
+        let dir = self
+            .source
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .dir
+            .clone();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
-                let _ = tx.send(());
-            }
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok_and(|e| !e.kind.is_access()) {
+                    let _ = tx.send(());
+                }
+            })?;
         watcher.watch(&dir, notify::RecursiveMode::NonRecursive)?;
         let weak = Arc::downgrade(self);
         let task = tokio::spawn(async move {

@@ -1,19 +1,25 @@
 //! The state one Store owns for one call: WASI context, resource table,
 //! limiter, event sink and granted config values. It is built fresh for every
-//! call and dropped with the Store, so nothing survives between calls.
+//! call and dropped with the Store, so nothing survives between calls (the
+//! one exception: a directory quota's budget is shared with the other calls
+//! running at the same time, see `host::quota`).
 
 use std::collections::BTreeMap;
 
+use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::events::EventSink;
 use super::grants::{DirMode, Grants};
+use super::host::{FsQuota, QuotaFsView};
 use super::limits::{CallLimiter, Limits};
 
 pub(crate) struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
+    /// Bookkeeping of the directory quotas; `None` when no grant has one.
+    fs_quota: Option<FsQuota>,
     pub(crate) limiter: CallLimiter,
     pub(crate) events: EventSink,
     pub(crate) config: BTreeMap<String, String>,
@@ -59,17 +65,30 @@ impl HostState {
                     ))
                 })?;
         }
+        // After the preopens, which fail on a missing directory. This walks
+        // every quota'd tree (bounded), on the calling thread.
+        let fs_quota = FsQuota::for_grants(&grants.dirs);
         let mut table = ResourceTable::new();
         table.set_max_capacity(limits.max_handles as usize);
         events.limit(limits.max_notifications);
         let state = HostState {
             wasi: wasi.build(),
             table,
+            fs_quota,
             limiter: CallLimiter::new(limits.memory_bytes),
             events,
             config: grants.config.clone(),
         };
         Ok((state, stdio))
+    }
+
+    /// The `wasi:filesystem` view that enforces the directory quotas.
+    pub(crate) fn quota_fs(&mut self) -> QuotaFsView<'_> {
+        let inner = WasiFilesystemCtxView {
+            ctx: self.wasi.filesystem(),
+            table: &mut self.table,
+        };
+        QuotaFsView::new(inner, self.fs_quota.as_mut())
     }
 }
 

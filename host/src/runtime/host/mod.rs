@@ -1,6 +1,9 @@
 //! Host implementations of the `cordon:tool` imports. The WIT file is their
 //! specification; these stay thin.
 
+mod quota;
+pub(crate) use quota::{FsQuota, QuotaFsView, add_to_linker as add_quota_to_linker};
+
 use super::bindings::cordon::tool::{config, logging, progress, types};
 use super::events::LogLevel;
 use super::state::HostState;
