@@ -42,7 +42,10 @@ fn tools_list_call_and_inspect() {
 
     let (ok, stdout, stderr) = run(cordon().args(["tools", "list", "--config"]).arg(&config));
     assert!(ok, "{stderr}");
-    assert!(stdout.contains("text_stats") && stdout.contains("write_note"), "{stdout}");
+    assert!(
+        stdout.contains("text_stats") && stdout.contains("write_note"),
+        "{stdout}"
+    );
 
     let (ok, stdout, stderr) = run(cordon()
         .args(["call", "--config"])
@@ -60,7 +63,10 @@ fn tools_list_call_and_inspect() {
     assert!(dir.path().join("data/notes/local/n1.md").exists());
 
     // A second start loads every component from the compile cache.
-    let (ok, _, stderr) = run(cordon().args(["tools", "list", "--config"]).arg(&config).env("RUST_LOG", "info"));
+    let (ok, _, stderr) = run(cordon()
+        .args(["tools", "list", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info"));
     assert!(ok, "{stderr}");
     assert!(stderr.contains("loaded from the compile cache"), "{stderr}");
     assert!(!stderr.contains("compiled and cached"), "{stderr}");
@@ -75,18 +81,34 @@ fn tools_list_call_and_inspect() {
 fn bad_input_gets_a_message_not_a_panic() {
     let dir = setup("");
     let config = dir.path().join("cordon.toml");
-    let (ok, _, stderr) = run(cordon().args(["call", "--config"]).arg(&config).args(["text_stats", "not json"]));
+    let (ok, _, stderr) = run(cordon()
+        .args(["call", "--config"])
+        .arg(&config)
+        .args(["text_stats", "not json"]));
     assert!(!ok);
-    assert!(stderr.contains("arguments must be a JSON object"), "{stderr}");
+    assert!(
+        stderr.contains("arguments must be a JSON object"),
+        "{stderr}"
+    );
 
-    let (ok, _, stderr) = run(cordon().args(["call", "--config"]).arg(&config).args(["nope", "{}"]));
+    let (ok, _, stderr) = run(cordon()
+        .args(["call", "--config"])
+        .arg(&config)
+        .args(["nope", "{}"]));
     assert!(!ok);
     assert!(stderr.contains("unknown tool"), "{stderr}");
 
-    std::fs::write(&config, "[runtime]\ntools_dir = \"missing\"\n[limits]\nmemory_mib = 0\n").unwrap();
+    std::fs::write(
+        &config,
+        "[runtime]\ntools_dir = \"missing\"\n[limits]\nmemory_mib = 0\n",
+    )
+    .unwrap();
     let (ok, _, stderr) = run(cordon().args(["config", "check", "--config"]).arg(&config));
     assert!(!ok);
-    assert!(stderr.contains("runtime.tools_dir") && stderr.contains("limits.memory_mib"), "{stderr}");
+    assert!(
+        stderr.contains("runtime.tools_dir") && stderr.contains("limits.memory_mib"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     let (ok, _, stderr) = run(cordon().arg("inspect").arg(&config));

@@ -12,8 +12,14 @@ use cordon::dispatch::Principal;
 use cordon::runtime::CacheStatus;
 use serde_json::json;
 
-fn write_config(dir: &std::path::Path, cache: &std::path::Path, extra: &str, watch: bool) -> Config {
-    let text = Sandbox::config_text(cache, extra).replace("watch = false", &format!("watch = {watch}"));
+fn write_config(
+    dir: &std::path::Path,
+    cache: &std::path::Path,
+    extra: &str,
+    watch: bool,
+) -> Config {
+    let text =
+        Sandbox::config_text(cache, extra).replace("watch = false", &format!("watch = {watch}"));
     std::fs::write(dir.join("cordon.toml"), text).unwrap();
     Config::load(&dir.join("cordon.toml")).unwrap()
 }
@@ -41,7 +47,11 @@ async fn a_second_start_loads_from_the_compile_cache() {
 
     let second = App::open(config, false).await.unwrap();
     let component = second.dispatcher.registry().snapshot().components()["text"].clone();
-    assert_eq!(component.cache_status(), CacheStatus::Hit, "the second start must not recompile");
+    assert_eq!(
+        component.cache_status(),
+        CacheStatus::Hit,
+        "the second start must not recompile"
+    );
     assert!(names(&second).contains(&"text_stats".to_string()));
 }
 
@@ -62,11 +72,23 @@ async fn broken_files_pin_mismatches_and_clashes_do_not_stop_the_others() {
     let snapshot = app.dispatcher.registry().snapshot();
     let problems: Vec<String> = snapshot.problems().iter().map(|p| p.to_string()).collect();
     let find = |needle: &str| problems.iter().find(|p| p.contains(needle)).cloned();
-    assert!(find("broken.wasm").is_some_and(|p| p.contains("not a usable tool component")), "{problems:?}");
-    assert!(find("notes.wasm").is_some_and(|p| p.contains("sha256")), "{problems:?}");
-    assert!(find("zz-copy.wasm").is_some_and(|p| p.contains("text_stats")), "{problems:?}");
+    assert!(
+        find("broken.wasm").is_some_and(|p| p.contains("not a usable tool component")),
+        "{problems:?}"
+    );
+    assert!(
+        find("notes.wasm").is_some_and(|p| p.contains("sha256")),
+        "{problems:?}"
+    );
+    assert!(
+        find("zz-copy.wasm").is_some_and(|p| p.contains("text_stats")),
+        "{problems:?}"
+    );
     // text.wasm sorts first and keeps its names.
-    assert_eq!(snapshot.tool("text_stats").unwrap().component.name(), "text");
+    assert_eq!(
+        snapshot.tool("text_stats").unwrap().component.name(),
+        "text"
+    );
     assert!(!names(&app).iter().any(|n| n.contains("note")));
 }
 
@@ -88,8 +110,16 @@ async fn replacing_a_wasm_while_calls_run_swaps_the_tool_list_without_failing_a_
             let mut calls = 0;
             for _ in 0..400 {
                 let registry = app.dispatcher.registry().snapshot();
-                let tool = if registry.tool("text_stats").is_some() { "text_stats" } else { "test_simple_text" };
-                let args = if tool == "text_stats" { json!({"text": "a b"}) } else { json!({}) };
+                let tool = if registry.tool("text_stats").is_some() {
+                    "text_stats"
+                } else {
+                    "test_simple_text"
+                };
+                let args = if tool == "text_stats" {
+                    json!({"text": "a b"})
+                } else {
+                    json!({})
+                };
                 let outcome = app
                     .dispatcher
                     .call(
@@ -133,6 +163,9 @@ async fn replacing_a_wasm_while_calls_run_swaps_the_tool_list_without_failing_a_
 
     // Removing the file removes its tools.
     std::fs::remove_file(tools.join("tool.wasm")).unwrap();
-    tokio::time::timeout(Duration::from_secs(20), changes.recv()).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), changes.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(names(&app).is_empty());
 }

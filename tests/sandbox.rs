@@ -51,7 +51,10 @@ async fn denied(sandbox: &Sandbox, tool: &str, args: serde_json::Value) -> Strin
         .result
         .unwrap_or_else(|e| panic!("{tool}: {e}"));
     let out = text(&result);
-    assert!(!out.contains("succeeded"), "{tool} must be denied, got: {out}");
+    assert!(
+        !out.contains("succeeded"),
+        "{tool} must be denied, got: {out}"
+    );
     out
 }
 
@@ -63,7 +66,10 @@ async fn a_spinning_guest_is_stopped_at_its_deadline() {
     let elapsed = started.elapsed();
     assert!(matches!(failure, CallFailure::Timeout(_)), "{failure:?}");
     assert!(elapsed >= Duration::from_millis(TIMEOUT_MS), "{elapsed:?}");
-    assert!(elapsed < Duration::from_millis(TIMEOUT_MS + 400), "stopped late: {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(TIMEOUT_MS + 400),
+        "stopped late: {elapsed:?}"
+    );
     next_call_works(&sandbox).await;
 }
 
@@ -74,7 +80,10 @@ async fn a_guest_sleeping_in_a_host_call_is_stopped_at_its_deadline() {
     let failure = sandbox.failure("sleep_forever", json!({})).await;
     let elapsed = started.elapsed();
     assert!(matches!(failure, CallFailure::Timeout(_)), "{failure:?}");
-    assert!(elapsed < Duration::from_millis(TIMEOUT_MS + 400), "stopped late: {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(TIMEOUT_MS + 400),
+        "stopped late: {elapsed:?}"
+    );
     next_call_works(&sandbox).await;
 }
 
@@ -92,7 +101,10 @@ async fn a_spinning_guest_does_not_starve_other_calls() {
         started.elapsed()
     };
     let (_, _, quick) = tokio::join!(spin1, spin2, quick);
-    assert!(quick < Duration::from_millis(500), "a plain call waited {quick:?} behind spinning guests");
+    assert!(
+        quick < Duration::from_millis(500),
+        "a plain call waited {quick:?} behind spinning guests"
+    );
 }
 
 #[tokio::test]
@@ -116,9 +128,15 @@ async fn unbounded_recursion_traps() {
 async fn a_panic_becomes_a_clear_error() {
     let sandbox = hostile().await;
     let failure = sandbox.failure("panic", json!({})).await;
-    assert_eq!(failure, CallFailure::Panicked("hostile guest panicked on purpose".into()));
+    assert_eq!(
+        failure,
+        CallFailure::Panicked("hostile guest panicked on purpose".into())
+    );
     let failure = sandbox.failure("trap", json!({})).await;
-    assert!(matches!(failure, CallFailure::Trap(_) | CallFailure::Panicked(_)), "{failure:?}");
+    assert!(
+        matches!(failure, CallFailure::Trap(_) | CallFailure::Panicked(_)),
+        "{failure:?}"
+    );
     next_call_works(&sandbox).await;
 }
 
@@ -129,15 +147,24 @@ async fn output_floods_are_capped() {
     let result = sandbox.call("print_flood", json!({})).await.result;
     match result {
         Ok(r) => assert_eq!(r.is_error, Some(true), "{}", text(&r)),
-        Err(e) => assert!(matches!(e, CallFailure::Timeout(_) | CallFailure::Trap(_)), "{e:?}"),
+        Err(e) => assert!(
+            matches!(e, CallFailure::Timeout(_) | CallFailure::Trap(_)),
+            "{e:?}"
+        ),
     }
     next_call_works(&sandbox).await;
 
     let failure = sandbox.failure("big_output", json!({})).await;
-    assert!(matches!(failure, CallFailure::OutputTooLarge { limit: 1048576, .. }), "{failure:?}");
+    assert!(
+        matches!(failure, CallFailure::OutputTooLarge { limit: 1048576, .. }),
+        "{failure:?}"
+    );
     let failure = sandbox.failure("huge_output", json!({})).await;
     assert!(
-        matches!(failure, CallFailure::MemoryLimit(_) | CallFailure::OutputTooLarge { .. }),
+        matches!(
+            failure,
+            CallFailure::MemoryLimit(_) | CallFailure::OutputTooLarge { .. }
+        ),
         "{failure:?}"
     );
     next_call_works(&sandbox).await;
@@ -146,7 +173,9 @@ async fn output_floods_are_capped() {
 #[tokio::test]
 async fn log_floods_are_capped() {
     let sandbox = hostile().await;
-    let (outcome, events) = sandbox.call_with_events("many_log_messages", json!({})).await;
+    let (outcome, events) = sandbox
+        .call_with_events("many_log_messages", json!({}))
+        .await;
     outcome.result.unwrap();
     assert_eq!(events.len(), 100, "max_notifications = 100");
     assert_eq!(outcome.stats.events_dropped, 100_000 - 100);
@@ -164,7 +193,10 @@ async fn opening_files_in_a_loop_hits_the_handle_cap() {
                 .and_then(|s| s.split_whitespace().next())
                 .and_then(|n| n.parse().ok())
                 .unwrap_or_else(|| panic!("unexpected report: {out}"));
-            assert!(opened < 64, "opened {opened} files with max_handles = 64: {out}");
+            assert!(
+                opened < 64,
+                "opened {opened} files with max_handles = 64: {out}"
+            );
         }
         // Running out of table space inside a host call traps the guest.
         Err(e) => assert!(matches!(e, CallFailure::Trap(_)), "{e:?}"),
@@ -178,8 +210,13 @@ async fn filling_the_disk_stops_at_the_quota() {
     let result = sandbox.call("fill_disk", json!({})).await.result.unwrap();
     let out = text(&result);
     assert_eq!(result.is_error, Some(true), "{out}");
-    let written = std::fs::metadata(sandbox.data().join("rw/t1/fill.bin")).unwrap().len();
-    assert!(written <= 4 << 20, "wrote {written} bytes past a 4 MiB quota: {out}");
+    let written = std::fs::metadata(sandbox.data().join("rw/t1/fill.bin"))
+        .unwrap()
+        .len();
+    assert!(
+        written <= 4 << 20,
+        "wrote {written} bytes past a 4 MiB quota: {out}"
+    );
     next_call_works(&sandbox).await;
 }
 
@@ -198,11 +235,21 @@ async fn filesystem_grants_hold() {
     // Read-only grant.
     denied(&sandbox, "write_readonly", json!({})).await;
     assert!(!sandbox.data().join("ro/written.txt").exists());
-    assert_eq!(std::fs::read_to_string(sandbox.data().join("ro/existing.txt")).unwrap(), "keep me");
-    let read = sandbox.ok("read_file", json!({"path": "/ro/existing.txt"})).await;
+    assert_eq!(
+        std::fs::read_to_string(sandbox.data().join("ro/existing.txt")).unwrap(),
+        "keep me"
+    );
+    let read = sandbox
+        .ok("read_file", json!({"path": "/ro/existing.txt"}))
+        .await;
     assert_eq!(text(&read), "keep me");
     // Read-write grant: visible on the host.
-    sandbox.ok("write_file", json!({"path": "/data/hello.txt", "content": "from the guest"})).await;
+    sandbox
+        .ok(
+            "write_file",
+            json!({"path": "/data/hello.txt", "content": "from the guest"}),
+        )
+        .await;
     assert_eq!(
         std::fs::read_to_string(sandbox.data().join("rw/t1/hello.txt")).unwrap(),
         "from the guest"
@@ -244,6 +291,9 @@ async fn cancellation_stops_a_running_guest_promptly() {
     let (outcome, cancelled_at) = tokio::join!(call, canceller);
     let latency = cancelled_at.elapsed();
     assert_eq!(outcome.result.unwrap_err(), CallFailure::Cancelled);
-    assert!(latency < Duration::from_millis(100), "cancellation took {latency:?}");
+    assert!(
+        latency < Duration::from_millis(100),
+        "cancellation took {latency:?}"
+    );
     next_call_works(&sandbox).await;
 }

@@ -54,23 +54,19 @@ fn distinct_copy(wasm: &[u8], n: usize) -> Vec<u8> {
     out
 }
 
-async fn single_call() {
-    let sandbox = common::Sandbox::new(&["conformance"], "").await;
+/// Calls `tool` straight into the runtime, many times, and reports the
+/// whole call and its two stages.
+async fn runtime_calls(sandbox: &common::Sandbox, label: &str, tool: &str, args: &str) {
     let registry = sandbox.app.dispatcher.registry().snapshot();
-    let entry = registry
-        .tool("echo")
-        .expect("the conformance tool provides echo")
-        .clone();
+    let entry = registry.tool(tool).expect("tool is loaded").clone();
     let runtime = sandbox.app.dispatcher.registry().runtime().clone();
-    let args = r#"{"message":"hi"}"#;
-
     let mut samples = Vec::with_capacity(ITERATIONS);
     let mut instantiate = Vec::with_capacity(ITERATIONS);
     let mut execute = Vec::with_capacity(ITERATIONS);
     for i in 0..WARMUP + ITERATIONS {
         let started = Instant::now();
         let outcome = runtime
-            .call(&entry.component, "echo", args, CallSpec::bare())
+            .call(&entry.component, tool, args, CallSpec::bare())
             .await;
         let elapsed = started.elapsed();
         assert!(outcome.result.is_ok());
@@ -80,16 +76,24 @@ async fn single_call() {
             execute.push(outcome.stats.execute);
         }
     }
-    report("runtime: instantiate + call + drop", samples);
+    report(&format!("{label}: instantiate + call + drop"), samples);
     report("  of which: store + instantiate", instantiate);
-    report("  of which: call-tool", execute);
+    report("  of which: guest call-tool", execute);
+}
+
+async fn single_call() {
+    let sandbox = common::Sandbox::new(&["hostile", "conformance"], "").await;
+    // `ok` (raw WIT bindings, returns a constant): the host-side cost.
+    runtime_calls(&sandbox, "trivial tool `ok`", "ok", "{}").await;
+    // `echo` through the Rust SDK (argument parsing, tool table): a typical small tool.
+    runtime_calls(&sandbox, "SDK tool `echo`", "echo", r#"{"message":"hi"}"#).await;
 
     let principal = Principal::local("bench");
     let mut samples = Vec::with_capacity(ITERATIONS);
     for i in 0..WARMUP + ITERATIONS {
         let request = CallRequest {
-            tool: "echo".into(),
-            arguments: serde_json::json!({"message": "hi"}),
+            tool: "ok".into(),
+            arguments: serde_json::json!({}),
             events: EventSink::discard(),
             cancel: Default::default(),
         };
@@ -101,7 +105,7 @@ async fn single_call() {
             samples.push(elapsed);
         }
     }
-    report("dispatcher: check + grants + call + drop", samples);
+    report("dispatcher `ok`: check + grants + call + drop", samples);
 }
 
 async fn cold_start() {

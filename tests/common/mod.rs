@@ -19,7 +19,10 @@ use tokio::sync::mpsc;
 pub const GUESTS: &[&str] = &["text", "notes", "conformance", "hostile"];
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 fn target_dir() -> PathBuf {
@@ -36,7 +39,7 @@ pub fn guest_dir() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_root())
-            .args(["build", "--release", "--target", "wasm32-wasip2"]);
+            .args(["build", "--profile", "guest", "--target", "wasm32-wasip2"]);
         for guest in GUESTS {
             cmd.args(["-p", guest]);
         }
@@ -48,7 +51,7 @@ pub fn guest_dir() -> &'static Path {
             }
             panic!("building the guest components failed:\n{stderr}");
         }
-        target_dir().join("wasm32-wasip2/release")
+        target_dir().join("wasm32-wasip2/guest")
     })
 }
 
@@ -101,7 +104,12 @@ impl Sandbox {
         self.call_as("t1", tool, arguments).await
     }
 
-    pub async fn call_as(&self, tenant: &str, tool: &str, arguments: serde_json::Value) -> CallOutcome {
+    pub async fn call_as(
+        &self,
+        tenant: &str,
+        tool: &str,
+        arguments: serde_json::Value,
+    ) -> CallOutcome {
         self.app
             .dispatcher
             .call(
@@ -117,7 +125,11 @@ impl Sandbox {
     }
 
     /// Calls `tool` and collects every event it sent.
-    pub async fn call_with_events(&self, tool: &str, arguments: serde_json::Value) -> (CallOutcome, Vec<CallEvent>) {
+    pub async fn call_with_events(
+        &self,
+        tool: &str,
+        arguments: serde_json::Value,
+    ) -> (CallOutcome, Vec<CallEvent>) {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let outcome = self
             .app
@@ -142,8 +154,15 @@ impl Sandbox {
     /// Calls `tool` and expects a successful (not isError) result.
     pub async fn ok(&self, tool: &str, arguments: serde_json::Value) -> CallToolResult {
         let outcome = self.call(tool, arguments).await;
-        let result = outcome.result.unwrap_or_else(|e| panic!("{tool} failed: {e}"));
-        assert_ne!(result.is_error, Some(true), "{tool} returned isError: {}", text(&result));
+        let result = outcome
+            .result
+            .unwrap_or_else(|e| panic!("{tool} failed: {e}"));
+        assert_ne!(
+            result.is_error,
+            Some(true),
+            "{tool} returned isError: {}",
+            text(&result)
+        );
         result
     }
 
