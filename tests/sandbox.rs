@@ -297,3 +297,18 @@ async fn cancellation_stops_a_running_guest_promptly() {
     );
     next_call_works(&sandbox).await;
 }
+
+#[tokio::test]
+async fn a_fuel_budget_stops_a_spinning_guest() {
+    let extra = "[runtime.engine]\nfuel = true\n\n[tools.hostile.limits]\nfuel = 50000000\ntimeout_ms = 10000\n";
+    let sandbox = Sandbox::new(&["hostile"], extra).await;
+    let started = Instant::now();
+    let outcome = sandbox.call("spin", json!({})).await;
+    assert_eq!(outcome.result.unwrap_err(), CallFailure::FuelExhausted(50_000_000));
+    assert!(started.elapsed() < Duration::from_secs(5), "fuel, not the deadline, must stop it");
+    assert_eq!(outcome.stats.fuel_consumed, Some(50_000_000));
+    // A cheap call fits in the budget and reports what it used.
+    let ok = sandbox.call("ok", json!({})).await;
+    assert!(ok.result.is_ok());
+    assert!(ok.stats.fuel_consumed.is_some_and(|f| f > 0 && f < 50_000_000), "{:?}", ok.stats);
+}
