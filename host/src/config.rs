@@ -18,6 +18,9 @@ pub const DEMO_CONFIG: &str = include_str!("demo.toml");
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The listener and its edge protection.
+    #[serde(default)]
+    pub server: ServerConfig,
     /// Where tools come from and where their data lives.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -32,6 +35,47 @@ pub struct Config {
     /// directory, or the working directory for the demo config).
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. Loopback by default.
+    pub listen: std::net::SocketAddr,
+    /// Browser origins allowed to call (e.g. `"https://app.example.com:443"`,
+    /// `"http://localhost:*"`). Requests with any other `Origin` get 403;
+    /// requests without `Origin` (non-browser clients) pass.
+    pub allowed_origins: Vec<String>,
+    /// Host names (or `host:port`) the server answers to, against DNS
+    /// rebinding. Loopback names by default; add your public name.
+    pub allowed_hosts: Vec<String>,
+    /// Largest request body in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Open sessions (Streamable HTTP and HTTP+SSE together); new ones get 503 beyond.
+    pub max_sessions: usize,
+    /// Seconds between keep-alive comments on open event streams.
+    pub keep_alive_secs: u64,
+    /// Seconds of inactivity after which a session is closed.
+    pub session_idle_secs: u64,
+    /// The tenant of calls that carry no credentials (until authentication
+    /// is configured; local use only).
+    pub local_tenant: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: ([127, 0, 0, 1], 8750).into(),
+            allowed_origins: Vec::new(),
+            allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            max_body_bytes: 4 << 20,
+            max_sessions: 10_000,
+            keep_alive_secs: 15,
+            session_idle_secs: 300,
+            local_tenant: "local".into(),
+        }
+    }
 }
 
 /// `[runtime]`
@@ -257,6 +301,36 @@ impl Config {
         let mut problems = Vec::new();
         let mut problem =
             |key: String, message: String| problems.push(ConfigProblem { key, message });
+        let server = &self.server;
+        if !valid_tenant_id(&server.local_tenant) {
+            problem(
+                "server.local_tenant".into(),
+                "use 1-64 of a-z 0-9 _ - (it names a data directory)".into(),
+            );
+        }
+        if server.max_body_bytes < 1024 {
+            problem(
+                "server.max_body_bytes".into(),
+                "must be at least 1024".into(),
+            );
+        }
+        if server.max_sessions == 0 {
+            problem("server.max_sessions".into(), "must be at least 1".into());
+        }
+        if server.keep_alive_secs == 0 || server.session_idle_secs == 0 {
+            problem(
+                "server.keep_alive_secs / server.session_idle_secs".into(),
+                "must be at least 1 second".into(),
+            );
+        }
+        for origin in &server.allowed_origins {
+            if origin != "null" && !origin.contains("://") {
+                problem(
+                    "server.allowed_origins".into(),
+                    format!("{origin:?} needs a scheme, e.g. \"https://{origin}\""),
+                );
+            }
+        }
         let engine = &self.runtime.engine;
         if engine.max_instances == 0 {
             problem(

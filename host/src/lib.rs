@@ -14,4 +14,6 @@
 pub mod app;
 pub mod config;
 pub mod dispatch;
+pub mod mcp;
 pub mod runtime;
+pub mod server;

@@ -10,6 +10,7 @@ use cordon::app::App;
 use cordon::config::Config;
 use cordon::dispatch::{CallRequest, Principal};
 use cordon::runtime::{CallEvent, EventSink, LogLevel};
+use tokio_util::sync::CancellationToken;
 
 /// Cordon: runs untrusted MCP tools as sandboxed WebAssembly components.
 #[derive(Parser)]
@@ -37,10 +38,25 @@ struct ConfigArg {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the tools and serve them.
+    /// Serve the tools over HTTP: Streamable HTTP (sessions and stateless
+    /// 2026-07-28) at /mcp.
     Serve {
         #[command(flatten)]
         config: ConfigArg,
+        /// Listen address (overrides `server.listen`; default 127.0.0.1:8750).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Serve the tools over stdio, for a local client that launches Cordon.
+    Stdio {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The tenant whose grants apply.
+        #[arg(long, default_value = "local")]
+        tenant: String,
+        /// Roles of the local principal (repeatable).
+        #[arg(long = "role")]
+        roles: Vec<String>,
     },
     /// Work with the loaded tools.
     Tools {
@@ -138,15 +154,33 @@ fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Serve { config } => {
-            let config = load_config(&config)?;
-            let app = App::open(config, true).await?;
+        Command::Serve { config, listen } => {
+            let mut config = load_config(&config)?;
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            serve(config).await
+        }
+        Command::Stdio {
+            config,
+            tenant,
+            roles,
+        } => {
+            let app = App::open(load_config(&config)?, true).await?;
             report_problems(&app);
-            let tools = app.dispatcher.list_tools(&Principal::local("local")).len();
-            tracing::info!(tools, "tools loaded; press Ctrl-C to stop");
-            tokio::signal::ctrl_c()
+            let principal = Principal {
+                tenant,
+                subject: "stdio".into(),
+                roles,
+            };
+            let handler = cordon::mcp::McpHandler::new(app.dispatcher.clone(), principal);
+            let service = rmcp::ServiceExt::serve(handler, rmcp::transport::io::stdio())
                 .await
-                .context("waiting for Ctrl-C")?;
+                .context("the stdio client did not complete the MCP handshake")?;
+            service
+                .waiting()
+                .await
+                .context("the stdio session failed")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Tools {
@@ -263,5 +297,57 @@ fn report_problems(app: &App) -> ExitCode {
 async fn inspect(file: &Path) -> anyhow::Result<ExitCode> {
     let report = cordon::runtime::inspect(file).await?;
     println!("{report}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let server = config.server.clone();
+    if !server.listen.ip().is_loopback() {
+        // Authentication is not available yet: never expose tools beyond
+        // this machine without it.
+        anyhow::bail!(
+            "refusing to listen on {}: without authentication Cordon only listens on loopback (127.0.0.1 or ::1)",
+            server.listen
+        );
+    }
+    let app = App::open(config, true).await?;
+    report_problems(&app);
+    let tools = app
+        .dispatcher
+        .list_tools(&Principal::local(&server.local_tenant))
+        .len();
+    let shutdown = CancellationToken::new();
+    let router = cordon::server::router(app.dispatcher.clone(), &server, shutdown.clone());
+    let listener = tokio::net::TcpListener::bind(server.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (server.listen / --listen)",
+                server.listen
+            )
+        })?;
+    let url = format!(
+        "http://{}{}",
+        listener.local_addr()?,
+        cordon::server::MCP_PATH
+    );
+    tracing::warn!(
+        "authentication is not configured: every local caller acts as tenant `{}`",
+        server.local_tenant
+    );
+    tracing::info!(tools, %url, "serving MCP; press Ctrl-C to stop");
+    eprintln!(
+        "\nCordon is serving {tools} tool(s) at {url}\n\
+         Client configuration (Cursor, VS Code, Claude Code):\n  \
+         {{\"mcpServers\": {{\"cordon\": {{\"type\": \"http\", \"url\": \"{url}\"}}}}}}\n\
+         MCP Inspector: npx @modelcontextprotocol/inspector, transport \"Streamable HTTP\", URL {url}\n"
+    );
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        stop.cancel();
+    });
+    cordon::server::serve_on(listener, router, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,273 @@
+//! The MCP protocol handler: one per session (or per stateless request),
+//! shared by every transport. It turns MCP requests into dispatcher calls and
+//! guest events into MCP notifications; policy lives in the dispatcher.
+
+// MCP logging is deprecated for future revisions (SEP-2577) but part of every
+// revision Cordon serves today, and the conformance suite checks it.
+#![allow(deprecated)]
+
+use std::sync::{Arc, Mutex};
+
+use rmcp::model::{
+    CacheScope, CallToolRequestParams, CallToolResponse, Implementation, ListToolsResult,
+    LoggingLevel, LoggingMessageNotificationParam, PaginatedRequestParams,
+    ProgressNotificationParam, ServerCapabilities, ServerConfig, SetLevelRequestParams,
+    SubscriptionFilter,
+};
+use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
+use tokio::sync::mpsc;
+
+use crate::dispatch::{CallRequest, Dispatcher, Principal};
+use crate::runtime::{CallEvent, EventSink, LogLevel};
+
+/// Tools per `tools/list` page.
+const PAGE_SIZE: usize = 100;
+/// How long a client may cache `tools/list` (2026-07-28 `ttlMs`); changes
+/// are also pushed as `notifications/tools/list_changed`.
+const LIST_TTL_MS: u64 = 10_000;
+
+/// Serves MCP for one session.
+#[derive(Clone)]
+pub struct McpHandler {
+    dispatcher: Arc<Dispatcher>,
+    /// Used when the transport attached no authenticated principal (local
+    /// use: stdio, or a loopback listener with authentication off).
+    fallback: Principal,
+    /// The level set by `logging/setLevel` for this session.
+    log_level: Arc<Mutex<Option<LogLevel>>>,
+}
+
+impl McpHandler {
+    /// A handler calling through `dispatcher`, as `fallback` unless the
+    /// transport attached a [`Principal`] to the request.
+    pub fn new(dispatcher: Arc<Dispatcher>, fallback: Principal) -> Self {
+        McpHandler {
+            dispatcher,
+            fallback,
+            log_level: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn principal(&self, extensions: &rmcp::model::Extensions) -> Principal {
+        extensions
+            .get::<Principal>()
+            .or_else(|| {
+                extensions
+                    .get::<http::request::Parts>()
+                    .and_then(|parts| parts.extensions.get::<Principal>())
+            })
+            .cloned()
+            .unwrap_or_else(|| self.fallback.clone())
+    }
+
+    fn session_log_level(&self) -> Option<LogLevel> {
+        *self.log_level.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn from_mcp_level(level: LoggingLevel) -> LogLevel {
+    match level {
+        LoggingLevel::Debug => LogLevel::Debug,
+        LoggingLevel::Info => LogLevel::Info,
+        LoggingLevel::Notice => LogLevel::Notice,
+        LoggingLevel::Warning => LogLevel::Warning,
+        LoggingLevel::Error => LogLevel::Error,
+        LoggingLevel::Critical => LogLevel::Critical,
+        LoggingLevel::Alert => LogLevel::Alert,
+        LoggingLevel::Emergency => LogLevel::Emergency,
+    }
+}
+
+fn to_mcp_level(level: LogLevel) -> LoggingLevel {
+    match level {
+        LogLevel::Debug => LoggingLevel::Debug,
+        LogLevel::Info => LoggingLevel::Info,
+        LogLevel::Notice => LoggingLevel::Notice,
+        LogLevel::Warning => LoggingLevel::Warning,
+        LogLevel::Error => LoggingLevel::Error,
+        LogLevel::Critical => LoggingLevel::Critical,
+        LogLevel::Alert => LoggingLevel::Alert,
+        LogLevel::Emergency => LoggingLevel::Emergency,
+    }
+}
+
+impl ServerHandler for McpHandler {
+    fn get_info(&self) -> ServerConfig {
+        let capabilities = ServerCapabilities::builder()
+            .enable_tools()
+            .enable_tool_list_changed()
+            .enable_logging()
+            .build();
+        ServerConfig::new(capabilities)
+            .with_server_info(Implementation::new("cordon", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "Tools served by Cordon run in a WebAssembly sandbox with only the grants \
+                 the operator configured.",
+            )
+    }
+
+    async fn list_tools(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        let principal = self.principal(&context.extensions);
+        let tools = self.dispatcher.list_tools(&principal);
+        // The cursor is the name of the last tool on the previous page: the
+        // list is sorted by name, so pages stay stable across reloads.
+        let start = match request.and_then(|r| r.cursor) {
+            None => 0,
+            Some(after) => {
+                if after.is_empty() || after.len() > 64 {
+                    return Err(McpError::invalid_params("invalid cursor", None));
+                }
+                tools.partition_point(|t| t.name.as_ref() <= after.as_str())
+            }
+        };
+        let page: Vec<_> = tools.iter().skip(start).take(PAGE_SIZE).cloned().collect();
+        let next_cursor = (start + page.len() < tools.len())
+            .then(|| page.last().map(|t| t.name.to_string()))
+            .flatten();
+        let mut result = ListToolsResult::with_all_items(page);
+        result.next_cursor = next_cursor;
+        result.ttl_ms = Some(LIST_TTL_MS);
+        // The list depends on the caller's roles.
+        result.cache_scope = Some(CacheScope::Private);
+        Ok(result)
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let principal = self.principal(&context.extensions);
+        let progress_token = context.meta.get_progress_token();
+        let log_level = context
+            .meta
+            .log_level()
+            .map(from_mcp_level)
+            .or_else(|| self.session_log_level());
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let events = EventSink::new(tx, log_level, progress_token.is_some());
+        let peer = context.peer.clone();
+        // Forward guest events as they come; it ends when the call drops its sink.
+        let forwarder = tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                let sent = match event {
+                    CallEvent::Progress {
+                        progress,
+                        total,
+                        message,
+                    } => {
+                        let Some(token) = progress_token.clone() else {
+                            continue;
+                        };
+                        let mut param = ProgressNotificationParam::new(token, progress);
+                        param.total = total;
+                        param.message = message;
+                        peer.notify_progress(param).await
+                    }
+                    CallEvent::Log {
+                        level,
+                        logger,
+                        data,
+                    } => {
+                        let mut param =
+                            LoggingMessageNotificationParam::new(to_mcp_level(level), data);
+                        param.logger = logger;
+                        peer.notify_logging_message(param).await
+                    }
+                };
+                if sent.is_err() {
+                    // The client is gone; the call will be cancelled with it.
+                    break;
+                }
+            }
+        });
+
+        let arguments = request
+            .arguments
+            .map(serde_json::Value::Object)
+            .unwrap_or(serde_json::Value::Null);
+        let outcome = self
+            .dispatcher
+            .call(
+                &principal,
+                CallRequest {
+                    tool: request.name.to_string(),
+                    arguments,
+                    events,
+                    cancel: context.ct.clone(),
+                },
+            )
+            .await;
+        // Deliver every notification before the response.
+        let _ = forwarder.await;
+
+        match outcome.result {
+            Ok(result) => Ok(result.into()),
+            Err(failure) if failure.is_request_error() => {
+                Err(McpError::invalid_params(failure.to_string(), None))
+            }
+            Err(failure) => Ok(failure.to_tool_result().into()),
+        }
+    }
+
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        *self.log_level.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(from_mcp_level(request.level));
+        Ok(())
+    }
+
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        // Sessions (2025-xx revisions): push list changes for the session's life.
+        let mut changes = self.dispatcher.registry().subscribe();
+        let peer = context.peer;
+        tokio::spawn(async move {
+            loop {
+                match changes.recv().await {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if peer.notify_tool_list_changed().await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        // 2026-07-28 `subscriptions/listen`: only tool-list changes exist here.
+        let mut accepted = SubscriptionFilter::default();
+        accepted.tools_list_changed = requested.tools_list_changed;
+        Some(accepted)
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
+        let mut changes = self.dispatcher.registry().subscribe();
+        loop {
+            tokio::select! {
+                _ = context.cancelled() => return Ok(()),
+                change = changes.recv() => match change {
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if context.sink().notify_tool_list_changed().await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+            }
+        }
+    }
+}
