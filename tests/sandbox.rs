@@ -304,11 +304,23 @@ async fn a_fuel_budget_stops_a_spinning_guest() {
     let sandbox = Sandbox::new(&["hostile"], extra).await;
     let started = Instant::now();
     let outcome = sandbox.call("spin", json!({})).await;
-    assert_eq!(outcome.result.unwrap_err(), CallFailure::FuelExhausted(50_000_000));
-    assert!(started.elapsed() < Duration::from_secs(5), "fuel, not the deadline, must stop it");
+    assert_eq!(
+        outcome.result.unwrap_err(),
+        CallFailure::FuelExhausted(50_000_000)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "fuel, not the deadline, must stop it"
+    );
     assert_eq!(outcome.stats.fuel_consumed, Some(50_000_000));
     // A cheap call fits in the budget and reports what it used.
     let ok = sandbox.call("ok", json!({})).await;
     assert!(ok.result.is_ok());
-    assert!(ok.stats.fuel_consumed.is_some_and(|f| f > 0 && f < 50_000_000), "{:?}", ok.stats);
+    assert!(
+        ok.stats
+            .fuel_consumed
+            .is_some_and(|f| f > 0 && f < 50_000_000),
+        "{:?}",
+        ok.stats
+    );
 }
