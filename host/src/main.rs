@@ -316,8 +316,6 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         .dispatcher
         .list_tools(&Principal::local(&server.local_tenant))
         .len();
-    let shutdown = CancellationToken::new();
-    let router = cordon::server::router(app.dispatcher.clone(), &server, shutdown.clone());
     let listener = tokio::net::TcpListener::bind(server.listen)
         .await
         .with_context(|| {
@@ -326,6 +324,16 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
                 server.listen
             )
         })?;
+    // Cordon's own origin is always allowed (the port is known only now, with
+    // --listen :0): a page served from elsewhere, or a rebinding attack that
+    // carries a foreign Host, is still refused.
+    let mut server = server;
+    let port = listener.local_addr()?.port();
+    for host in ["127.0.0.1", "localhost", "[::1]"] {
+        server.allowed_origins.push(format!("http://{host}:{port}"));
+    }
+    let shutdown = CancellationToken::new();
+    let router = cordon::server::router(app.dispatcher.clone(), &server, shutdown.clone());
     let url = format!(
         "http://{}{}",
         listener.local_addr()?,

@@ -231,14 +231,12 @@ impl ServerHandler for McpHandler {
         let mut changes = self.dispatcher.registry().subscribe();
         let peer = context.peer;
         tokio::spawn(async move {
-            loop {
-                match changes.recv().await {
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        if peer.notify_tool_list_changed().await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            // A lagged receiver still means "changed": tell the client once.
+            while let Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) =
+                changes.recv().await
+            {
+                if peer.notify_tool_list_changed().await.is_err() {
+                    break;
                 }
             }
         });
