@@ -17,3 +17,4 @@ pub mod dispatch;
 pub mod mcp;
 pub mod runtime;
 pub mod server;
+pub mod sse;

@@ -17,6 +17,7 @@ use rmcp::model::{
 use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::{CallRequest, Dispatcher, Principal};
 use crate::runtime::{CallEvent, EventSink, LogLevel};
@@ -36,16 +37,23 @@ pub struct McpHandler {
     fallback: Principal,
     /// The level set by `logging/setLevel` for this session.
     log_level: Arc<Mutex<Option<LogLevel>>>,
+    /// Cancelled when the last clone of this handler is dropped, i.e. when
+    /// the session ends: it stops the session's background tasks.
+    session_end: CancellationToken,
+    _session_guard: Arc<tokio_util::sync::DropGuard>,
 }
 
 impl McpHandler {
     /// A handler calling through `dispatcher`, as `fallback` unless the
     /// transport attached a [`Principal`] to the request.
     pub fn new(dispatcher: Arc<Dispatcher>, fallback: Principal) -> Self {
+        let session_end = CancellationToken::new();
         McpHandler {
             dispatcher,
             fallback,
             log_level: Arc::new(Mutex::new(None)),
+            _session_guard: Arc::new(session_end.clone().drop_guard()),
+            session_end,
         }
     }
 
@@ -230,13 +238,21 @@ impl ServerHandler for McpHandler {
         // Sessions (2025-xx revisions): push list changes for the session's life.
         let mut changes = self.dispatcher.registry().subscribe();
         let peer = context.peer;
+        let session_end = self.session_end.clone();
         tokio::spawn(async move {
-            // A lagged receiver still means "changed": tell the client once.
-            while let Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) =
-                changes.recv().await
-            {
-                if peer.notify_tool_list_changed().await.is_err() {
-                    break;
+            loop {
+                let change = tokio::select! {
+                    _ = session_end.cancelled() => break,
+                    change = changes.recv() => change,
+                };
+                match change {
+                    // A lagged receiver still means "changed": tell the client once.
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        if peer.notify_tool_list_changed().await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 }
             }
         });

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, Principal};
 use crate::mcp::McpHandler;
+use crate::sse::{SSE_PATH, SseTransport};
 
 /// The Streamable HTTP endpoint (all revisions, sessions and stateless).
 pub const MCP_PATH: &str = "/mcp";
@@ -52,13 +53,16 @@ pub fn router(
         http_config = http_config.enforce_origin_validation();
     }
     let streamable = StreamableHttpService::new(factory, sessions.clone(), http_config);
+    let sse = SseTransport::new(dispatcher, config, shutdown.child_token());
     let session_cap = SessionCap {
         sessions,
+        sse: sse.clone(),
         max: config.max_sessions,
     };
 
     Router::new()
         .route_service(MCP_PATH, streamable)
+        .merge(sse.router())
         .layer(axum::middleware::from_fn_with_state(
             session_cap,
             limit_sessions,
@@ -71,13 +75,23 @@ pub fn router(
 #[derive(Clone)]
 struct SessionCap {
     sessions: Arc<LocalSessionManager>,
+    /// HTTP+SSE sessions count against the same cap.
+    sse: SseTransport,
     max: usize,
 }
 
 async fn limit_sessions(State(cap): State<SessionCap>, request: Request, next: Next) -> Response {
-    let opens_session =
-        request.method() == http::Method::POST && !request.headers().contains_key("mcp-session-id");
-    if opens_session && cap.sessions.sessions.read().await.len() >= cap.max {
+    let opens_session = match request.uri().path() {
+        MCP_PATH => {
+            request.method() == http::Method::POST
+                && !request.headers().contains_key("mcp-session-id")
+        }
+        SSE_PATH => request.method() == http::Method::GET,
+        _ => false,
+    };
+    if opens_session
+        && cap.sessions.sessions.read().await.len() + cap.sse.session_count() >= cap.max
+    {
         return (
             http::StatusCode::SERVICE_UNAVAILABLE,
             "too many open sessions; try again later",

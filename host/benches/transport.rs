@@ -1,0 +1,855 @@
+//! Cost of Cordon's MCP transports over loopback HTTP, in release:
+//!
+//! 1. throughput and latency of `tools/call` in stateless 2026-07-28
+//!    JSON-response mode with 1, 16 and 64 concurrent clients, for Cordon's
+//!    router serving the `echo` tool of the real `conformance` component, and
+//!    for the same rmcp Streamable HTTP configuration serving a native null
+//!    tool compiled into this benchmark (the ratio is the price of Cordon);
+//! 2. out-of-the-box latency of one client through Cordon's router with the
+//!    default `[server]` settings;
+//! 3. resident memory per idle Streamable HTTP session (10,000 sessions, each
+//!    initialized with its GET event stream held open).
+//!
+//! Run: `cargo bench -p cordon --bench transport` (prints the figures that
+//! BENCHMARKS.md records).
+//!
+//! In 1 and 2 the servers run on one tokio runtime and the load driver on
+//! another, in this process (two worker threads each, like two processes
+//! sharing the machine). Each client is a task with its own keep-alive
+//! connection (hyper, TCP_NODELAY) calling in a loop. In 3 the server runs in
+//! a fresh child process (this binary, re-executed with `CORDON_BENCH_ROLE`)
+//! so that its resident memory counts the server alone; this process is the
+//! client and reports its own cost separately.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use axum::body::{Bytes, HttpBody};
+use futures::StreamExt as _;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ListToolsResult,
+    PaginatedRequestParams, ServerCapabilities, Tool,
+};
+use rmcp::service::RequestContext;
+use rmcp::transport::streamable_http_server::session::local::{LocalSessionManager, SessionConfig};
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
+use tokio_util::sync::CancellationToken;
+
+/// Concurrent clients per throughput run.
+const CLIENTS: [usize; 3] = [1, 16, 64];
+/// Runs per (clients, server); calls/s is the median, latencies are pooled.
+const ROUNDS: usize = 3;
+const WARMUP: Duration = Duration::from_secs(1);
+const MEASURE: Duration = Duration::from_secs(4);
+/// Sequential calls for the out-of-the-box latency.
+const OOB_WARMUP: usize = 500;
+const OOB_CALLS: usize = 5_000;
+/// Idle sessions held open at once, and how many are being opened at a time.
+const IDLE_SESSIONS: usize = 10_000;
+const OPEN_CONCURRENCY: usize = 32;
+/// How long a child server may take to start, and to open all sessions.
+const CHILD_START: Duration = Duration::from_secs(300);
+const OPEN_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Set on the child process: `server-cordon` or `server-native`.
+const ROLE_ENV: &str = "CORDON_BENCH_ROLE";
+
+/// The revision served statelessly, and the last one with sessions.
+const STATELESS_VERSION: &str = "2026-07-28";
+const SESSION_VERSION: &str = "2025-11-25";
+
+const MESSAGE: &str = "hello from the transport bench";
+/// A stateless 2026-07-28 `tools/call`: the protocol version, client info and
+/// client capabilities travel in `_meta` (the version also in the
+/// `MCP-Protocol-Version` header, the method and tool in `Mcp-Method` and
+/// `Mcp-Name`).
+const STATELESS_CALL: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello from the transport bench"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+const SESSION_CALL: &str = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello from the transport bench"}}}"#;
+const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"}}}"#;
+const INITIALIZE_2024: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"}}}"#;
+const INITIALIZED: &str = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+
+type HttpClient = Client<HttpConnector, String>;
+
+// ---------------------------------------------------------------------------
+// The native baseline: the same rmcp transport, a tool that does nothing.
+
+/// A native MCP server with one tool, `echo`, answered in place.
+#[derive(Clone)]
+struct NullTool;
+
+fn null_tool() -> Tool {
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"message": {"type": "string"}},
+        "required": ["message"]
+    });
+    let serde_json::Value::Object(schema) = schema else {
+        unreachable!()
+    };
+    Tool::new("echo", "Returns its message unchanged.", schema)
+}
+
+impl ServerHandler for NullTool {
+    fn get_info(&self) -> rmcp::model::ServerConfig {
+        rmcp::model::ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        Ok(ListToolsResult::with_all_items(vec![null_tool()]))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let message = request
+            .arguments
+            .as_ref()
+            .and_then(|a| a.get("message"))
+            .and_then(|m| m.as_str())
+            .unwrap_or_default();
+        Ok(CallToolResult::success(vec![ContentBlock::text(message)]).into())
+    }
+}
+
+/// The Streamable HTTP service exactly as `cordon::server::router` configures
+/// it, serving [`NullTool`] (without Cordon's session-cap middleware).
+fn native_router(
+    config: &cordon::config::ServerConfig,
+    shutdown: CancellationToken,
+) -> axum::Router {
+    let mut session_config = SessionConfig::default();
+    session_config.keep_alive = Some(Duration::from_secs(config.session_idle_secs));
+    let mut sessions = LocalSessionManager::default();
+    sessions.session_config = session_config;
+    let mut http_config = StreamableHttpServerConfig::default()
+        .with_sse_keep_alive(Some(Duration::from_secs(config.keep_alive_secs)))
+        .with_legacy_session_mode(true)
+        .with_json_response(true)
+        .with_cancellation_token(shutdown.child_token())
+        .with_max_request_body_bytes(config.max_body_bytes)
+        .with_allowed_hosts(config.allowed_hosts.clone())
+        .with_allowed_origins(config.allowed_origins.clone());
+    if config.allowed_origins.is_empty() {
+        http_config = http_config.enforce_origin_validation();
+    }
+    let service = StreamableHttpService::new(|| Ok(NullTool), Arc::new(sessions), http_config);
+    axum::Router::new().route_service(cordon::server::MCP_PATH, service)
+}
+
+/// The `[server]` settings of the throughput and session runs: the defaults,
+/// with room for more sessions than the idle-session run opens.
+fn bench_config() -> cordon::config::ServerConfig {
+    cordon::config::ServerConfig {
+        max_sessions: 1_000_000,
+        ..Default::default()
+    }
+}
+
+/// Serves `router` on a fresh loopback port, on the current runtime.
+async fn start(router: axum::Router, shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = cordon::server::serve_on(listener, router, shutdown).await {
+            eprintln!("server on {addr} failed: {e:#}");
+        }
+    });
+    Ok(addr)
+}
+
+// ---------------------------------------------------------------------------
+// The load driver.
+
+fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+fn mcp_uri(addr: SocketAddr) -> http::Uri {
+    format!("http://{addr}{}", cordon::server::MCP_PATH)
+        .parse()
+        .expect("a valid URI")
+}
+
+async fn read_body<B>(mut body: B) -> anyhow::Result<Vec<u8>>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let mut out = Vec::new();
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        if let Ok(data) = frame?.into_data() {
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Checks that a reply carries the echoed message and no error.
+fn check_reply(status: http::StatusCode, body: &[u8]) -> anyhow::Result<()> {
+    let expected = format!(r#""text":"{MESSAGE}""#);
+    if status != http::StatusCode::OK
+        || !contains(body, expected.as_bytes())
+        || contains(body, br#""isError":true"#)
+    {
+        bail!(
+            "unexpected reply: {status}: {}",
+            String::from_utf8_lossy(body)
+        );
+    }
+    Ok(())
+}
+
+fn post(uri: &http::Uri) -> http::request::Builder {
+    http::Request::post(uri.clone())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::ACCEPT, "application/json, text/event-stream")
+}
+
+/// One stateless 2026-07-28 `tools/call` of `echo`.
+async fn stateless_call(client: &HttpClient, uri: &http::Uri) -> anyhow::Result<()> {
+    let request = post(uri)
+        .header("MCP-Protocol-Version", STATELESS_VERSION)
+        .header("Mcp-Method", "tools/call")
+        .header("Mcp-Name", "echo")
+        .body(STATELESS_CALL.to_owned())?;
+    let response = client.request(request).await?;
+    let status = response.status();
+    let body = read_body(response.into_body()).await?;
+    check_reply(status, &body)
+}
+
+/// Opens a 2025-11-25 session: `initialize`, then `notifications/initialized`.
+async fn open_session(client: &HttpClient, uri: &http::Uri) -> anyhow::Result<String> {
+    let request = post(uri).body(INITIALIZE.to_owned())?;
+    let response = client.request(request).await?;
+    let status = response.status();
+    let session = response
+        .headers()
+        .get("Mcp-Session-Id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = read_body(response.into_body()).await?;
+    let Some(session) = session.filter(|_| status == http::StatusCode::OK) else {
+        bail!(
+            "initialize failed: {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    };
+    let request = post(uri)
+        .header("Mcp-Session-Id", &session)
+        .header("MCP-Protocol-Version", SESSION_VERSION)
+        .body(INITIALIZED.to_owned())?;
+    let response = client.request(request).await?;
+    let status = response.status();
+    let body = read_body(response.into_body()).await?;
+    ensure!(
+        status == http::StatusCode::ACCEPTED,
+        "notifications/initialized: {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(session)
+}
+
+/// One `tools/call` of `echo` in a session (the reply is an SSE stream).
+async fn session_call(client: &HttpClient, uri: &http::Uri, session: &str) -> anyhow::Result<()> {
+    let request = post(uri)
+        .header("Mcp-Session-Id", session)
+        .header("MCP-Protocol-Version", SESSION_VERSION)
+        .body(SESSION_CALL.to_owned())?;
+    let response = client.request(request).await?;
+    let status = response.status();
+    let body = read_body(response.into_body()).await?;
+    check_reply(status, &body)
+}
+
+/// Something held open for the server (an event stream's response body).
+type Held = Box<dyn Send>;
+
+/// Opens a Streamable HTTP session and its standalone GET event stream, and
+/// returns the stream (unread: dropping it closes the stream).
+async fn open_idle_session(client: &HttpClient, uri: &http::Uri) -> anyhow::Result<Held> {
+    let session = open_session(client, uri).await?;
+    let request = http::Request::get(uri.clone())
+        .header(http::header::ACCEPT, "text/event-stream")
+        .header("Mcp-Session-Id", &session)
+        .header("MCP-Protocol-Version", SESSION_VERSION)
+        .body(String::new())?;
+    let response = client.request(request).await?;
+    ensure!(
+        response.status() == http::StatusCode::OK,
+        "GET event stream: {}",
+        response.status()
+    );
+    Ok(Box::new(response))
+}
+
+/// The next event of an SSE stream (comments skipped) as (event, data);
+/// `buf` keeps what was read beyond it.
+async fn next_event<B>(body: &mut B, buf: &mut Vec<u8>) -> anyhow::Result<(String, String)>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    loop {
+        if let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = buf.drain(..end + 2).collect();
+            let (mut event, mut data, mut fields) = (String::from("message"), String::new(), 0);
+            for line in String::from_utf8_lossy(&block).lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_owned();
+                    fields += 1;
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    if fields > 0 && !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                    fields += 1;
+                }
+            }
+            if fields > 0 {
+                return Ok((event, data));
+            }
+            continue;
+        }
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
+            .await
+            .context("the event stream ended")??;
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+        }
+    }
+}
+
+/// Opens a classic HTTP+SSE (2024-11-05) session: `GET /sse`, then
+/// `initialize` and `notifications/initialized` posted to its endpoint, and
+/// returns the event stream (dropping it ends the session).
+async fn open_idle_sse_session(client: &HttpClient, addr: SocketAddr) -> anyhow::Result<Held> {
+    let request = http::Request::get(format!("http://{addr}/sse"))
+        .header(http::header::ACCEPT, "text/event-stream")
+        .body(String::new())?;
+    let response = client.request(request).await?;
+    ensure!(
+        response.status() == http::StatusCode::OK,
+        "GET /sse: {}",
+        response.status()
+    );
+    let mut body = response.into_body();
+    let mut buf = Vec::new();
+    let (event, endpoint) = next_event(&mut body, &mut buf).await?;
+    ensure!(event == "endpoint", "first event {event:?}: {endpoint}");
+    let uri: http::Uri = format!("http://{addr}{endpoint}").parse()?;
+    for message in [INITIALIZE_2024, INITIALIZED] {
+        let response = client.request(post(&uri).body(message.to_owned())?).await?;
+        let status = response.status();
+        let reply = read_body(response.into_body()).await?;
+        ensure!(
+            status == http::StatusCode::ACCEPTED,
+            "POST {endpoint}: {status}: {}",
+            String::from_utf8_lossy(&reply)
+        );
+        if message == INITIALIZE_2024 {
+            let (event, data) = next_event(&mut body, &mut buf).await?;
+            ensure!(
+                event == "message" && data.contains(r#""result""#),
+                "initialize answered {event:?}: {data}"
+            );
+        }
+    }
+    Ok(Box::new(body))
+}
+
+/// Latencies in nanoseconds, sorted.
+struct Samples(Vec<u64>);
+
+impl Samples {
+    fn new(mut samples: Vec<u64>) -> Samples {
+        samples.sort_unstable();
+        Samples(samples)
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        let index = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        self.0[index] as f64 / 1e6
+    }
+
+    fn mean_ms(&self) -> f64 {
+        self.0.iter().sum::<u64>() as f64 / self.0.len().max(1) as f64 / 1e6
+    }
+}
+
+/// `clients` tasks, each with its own connection, calling in a loop for
+/// WARMUP + MEASURE; returns the latencies of the calls started in MEASURE.
+async fn load(uri: http::Uri, clients: usize) -> anyhow::Result<Vec<u64>> {
+    let start = Instant::now();
+    let measure_from = start + WARMUP;
+    let until = measure_from + MEASURE;
+    let uri = Arc::new(uri);
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let uri = uri.clone();
+            tokio::spawn(async move {
+                let client = http_client();
+                let mut samples = Vec::with_capacity(1 << 16);
+                loop {
+                    let started = Instant::now();
+                    if started >= until {
+                        break;
+                    }
+                    stateless_call(&client, &uri).await?;
+                    if started >= measure_from {
+                        samples.push(started.elapsed().as_nanos() as u64);
+                    }
+                }
+                anyhow::Ok(samples)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(all)
+}
+
+fn thousands(n: f64) -> String {
+    let digits = format!("{:.0}", n);
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+struct LoadFigures {
+    rates: Vec<f64>,
+    samples: Samples,
+}
+
+impl LoadFigures {
+    fn median_rate(&self) -> f64 {
+        let mut rates = self.rates.clone();
+        rates.sort_by(f64::total_cmp);
+        rates[rates.len() / 2]
+    }
+
+    fn line(&self, label: &str) -> String {
+        let min = self.rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.rates.iter().copied().fold(0.0, f64::max);
+        format!(
+            "{label:<12} {:>8} calls/s ({:>6}–{:>6})   p50 {:>6.3} ms   p99 {:>6.3} ms",
+            thousands(self.median_rate()),
+            thousands(min),
+            thousands(max),
+            self.samples.percentile_ms(0.50),
+            self.samples.percentile_ms(0.99),
+        )
+    }
+}
+
+fn throughput(
+    clients_rt: &tokio::runtime::Runtime,
+    wasm: SocketAddr,
+    native: SocketAddr,
+) -> anyhow::Result<()> {
+    println!(
+        "\n1. tools/call `echo`, stateless {STATELESS_VERSION}, JSON responses, keep-alive + TCP_NODELAY;\n   \
+         per run {} s warm-up + {} s measured; calls/s = median of {ROUNDS} runs (min–max), latencies pooled",
+        WARMUP.as_secs(),
+        MEASURE.as_secs()
+    );
+    for clients in CLIENTS {
+        let mut figures = Vec::new();
+        let mut wasm_rates = Vec::new();
+        let mut native_rates = Vec::new();
+        let mut wasm_samples = Vec::new();
+        let mut native_samples = Vec::new();
+        for round in 0..ROUNDS {
+            // Alternate the order so that drift hurts both sides alike.
+            let order = if round % 2 == 0 {
+                [(true, wasm), (false, native)]
+            } else {
+                [(false, native), (true, wasm)]
+            };
+            for (is_wasm, addr) in order {
+                let samples = clients_rt.block_on(load(mcp_uri(addr), clients))?;
+                let rate = samples.len() as f64 / MEASURE.as_secs_f64();
+                if is_wasm {
+                    wasm_rates.push(rate);
+                    wasm_samples.extend(samples);
+                } else {
+                    native_rates.push(rate);
+                    native_samples.extend(samples);
+                }
+            }
+        }
+        figures.push(LoadFigures {
+            rates: wasm_rates,
+            samples: Samples::new(wasm_samples),
+        });
+        figures.push(LoadFigures {
+            rates: native_rates,
+            samples: Samples::new(native_samples),
+        });
+        let ratio = figures[0].median_rate() / figures[1].median_rate();
+        println!("clients = {clients}");
+        println!("   {}", figures[0].line("cordon wasm"));
+        println!("   {}", figures[1].line("native rmcp"));
+        println!("   ratio wasm/native {ratio:.2}   (target ≥ 0.8)");
+    }
+    Ok(())
+}
+
+async fn out_of_the_box(addr: SocketAddr) -> anyhow::Result<(Samples, Samples)> {
+    let uri = mcp_uri(addr);
+    let client = http_client();
+    let mut stateless = Vec::with_capacity(OOB_CALLS);
+    for i in 0..OOB_WARMUP + OOB_CALLS {
+        let started = Instant::now();
+        stateless_call(&client, &uri).await?;
+        if i >= OOB_WARMUP {
+            stateless.push(started.elapsed().as_nanos() as u64);
+        }
+    }
+    let session = open_session(&client, &uri).await?;
+    let mut in_session = Vec::with_capacity(OOB_CALLS);
+    for i in 0..OOB_WARMUP + OOB_CALLS {
+        let started = Instant::now();
+        session_call(&client, &uri, &session).await?;
+        if i >= OOB_WARMUP {
+            in_session.push(started.elapsed().as_nanos() as u64);
+        }
+    }
+    Ok((Samples::new(stateless), Samples::new(in_session)))
+}
+
+// ---------------------------------------------------------------------------
+// Idle sessions: the server in a child process.
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/<pid>/status")
+}
+
+fn open_fds(pid: &str) -> anyhow::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// The soft limit on open files of this process.
+fn nofile_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// A server child process; closing its stdin stops it.
+struct ServerChild {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ServerChild {
+    fn spawn(kind: &str) -> anyhow::Result<ServerChild> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .env(ROLE_ENV, format!("server-{kind}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the server child")?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(CHILD_START) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the {kind} server child did not start");
+            }
+        };
+        let Some(addr) = line.trim().strip_prefix("listening ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the {kind} server child said {line:?}");
+        };
+        let addr = addr.parse()?;
+        Ok(ServerChild { child, addr })
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The child: serves until its stdin closes.
+fn server_child(role: &str) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let shutdown = CancellationToken::new();
+    let config = bench_config();
+    let (addr, _sandbox) = rt.block_on(async {
+        let (router, sandbox) = match role {
+            "server-cordon" => {
+                let sandbox = common::Sandbox::new(&["conformance"], "").await;
+                let router = cordon::server::router(
+                    sandbox.app.dispatcher.clone(),
+                    &config,
+                    shutdown.clone(),
+                );
+                (router, Some(sandbox))
+            }
+            "server-native" => (native_router(&config, shutdown.clone()), None),
+            other => bail!("unknown {ROLE_ENV} {other:?}"),
+        };
+        anyhow::Ok((start(router, shutdown.clone()).await?, sandbox))
+    })?;
+    println!("listening {addr}");
+    // Blocks until the parent closes stdin or exits.
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    shutdown.cancel();
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
+
+struct IdleFigures {
+    before_kib: u64,
+    after_kib: u64,
+    fds: isize,
+    client_kib: i64,
+    opened: usize,
+    open_time: Duration,
+}
+
+/// What each of the idle clients holds open.
+#[derive(Clone, Copy)]
+enum Idle {
+    /// A Streamable HTTP session with its GET event stream.
+    Streamable,
+    /// A classic HTTP+SSE session.
+    Sse,
+    /// A keep-alive connection after one stateless call: no session (the
+    /// floor: what the HTTP server costs per connection).
+    Connection,
+}
+
+/// Opens IDLE_SESSIONS idle sessions (or connections) on a fresh `server`
+/// child (`cordon` or `native`).
+fn idle_sessions(
+    clients_rt: &tokio::runtime::Runtime,
+    server: &str,
+    idle: Idle,
+) -> anyhow::Result<IdleFigures> {
+    let server = ServerChild::spawn(server)?;
+    let pid = server.pid();
+    let addr = server.addr;
+    let uri = mcp_uri(addr);
+    let open = |client: &HttpClient| {
+        let (client, uri) = (client.clone(), uri.clone());
+        async move {
+            match idle {
+                Idle::Streamable => open_idle_session(&client, &uri).await,
+                Idle::Sse => open_idle_sse_session(&client, addr).await,
+                Idle::Connection => {
+                    // Its own pool, so the connection stays open with it.
+                    let client = http_client();
+                    stateless_call(&client, &uri).await?;
+                    Ok(Box::new(client) as Held)
+                }
+            }
+        }
+    };
+    clients_rt.block_on(async {
+        // Warm the server's code paths: a call and a session.
+        let client = http_client();
+        stateless_call(&client, &uri).await?;
+        drop(open(&client).await?);
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        anyhow::Ok(())
+    })?;
+    let before_kib = rss_kib(&pid)?;
+    let fds_before = open_fds(&pid)?;
+    let client_before = rss_kib("self")?;
+    let (client, streams, open_time) = clients_rt.block_on(async {
+        let started = Instant::now();
+        let client = http_client();
+        let opening = futures::stream::iter(0..IDLE_SESSIONS)
+            .map(|_| open(&client))
+            .buffer_unordered(OPEN_CONCURRENCY)
+            .collect::<Vec<_>>();
+        let streams = tokio::time::timeout(OPEN_TIMEOUT, opening)
+            .await
+            .context("opening the sessions timed out")?
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let open_time = started.elapsed();
+        // Let the server settle (every session task parked).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        anyhow::Ok((client, streams, open_time))
+    })?;
+    let after_kib = rss_kib(&pid)?;
+    let fds_after = open_fds(&pid)?;
+    let client_after = rss_kib("self")?;
+    let opened = streams.len();
+    drop(streams);
+    drop(client);
+    drop(server);
+    Ok(IdleFigures {
+        before_kib,
+        after_kib,
+        fds: fds_after as isize - fds_before as isize,
+        client_kib: client_after as i64 - client_before as i64,
+        opened,
+        open_time,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    if let Ok(role) = std::env::var(ROLE_ENV) {
+        return server_child(&role);
+    }
+    // cargo bench passes `--bench`; nothing else to parse.
+    println!(
+        "cordon transport benchmark (release host, {} CPUs)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let servers_rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("bench-server")
+        .enable_all()
+        .build()?;
+    let clients_rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("bench-client")
+        .enable_all()
+        .build()?;
+
+    let shutdown = CancellationToken::new();
+    let config = bench_config();
+    let sandbox = servers_rt.block_on(common::Sandbox::new(&["conformance"], ""));
+    let (wasm, native, default) = servers_rt.block_on(async {
+        let dispatcher = sandbox.app.dispatcher.clone();
+        let wasm = start(
+            cordon::server::router(dispatcher.clone(), &config, shutdown.clone()),
+            shutdown.clone(),
+        )
+        .await?;
+        let native = start(native_router(&config, shutdown.clone()), shutdown.clone()).await?;
+        let default = start(
+            cordon::server::router(dispatcher, &Default::default(), shutdown.clone()),
+            shutdown.clone(),
+        )
+        .await?;
+        anyhow::Ok((wasm, native, default))
+    })?;
+
+    throughput(&clients_rt, wasm, native)?;
+
+    let (stateless, in_session) = clients_rt.block_on(out_of_the_box(default))?;
+    println!(
+        "\n2. one client, Cordon's router with the default [server] settings, `echo`, \
+         {OOB_CALLS} sequential calls after {OOB_WARMUP}"
+    );
+    for (label, samples) in [
+        (format!("stateless {STATELESS_VERSION} (JSON)"), &stateless),
+        (format!("in a {SESSION_VERSION} session (SSE)"), &in_session),
+    ] {
+        println!(
+            "   {label:<30} p50 {:>6.3} ms   p99 {:>6.3} ms   mean {:>6.3} ms",
+            samples.percentile_ms(0.50),
+            samples.percentile_ms(0.99),
+            samples.mean_ms()
+        );
+    }
+    println!("   target: p50 ≤ 0.3 ms");
+    shutdown.cancel();
+
+    println!(
+        "\n3. {IDLE_SESSIONS} idle sessions, each initialized with its event stream held open \
+         (Streamable HTTP {SESSION_VERSION}: GET /mcp; HTTP+SSE 2024-11-05: GET /sse);\n   \
+         each server in a fresh child process, RSS from /proc/<pid>/status"
+    );
+    let needed = IDLE_SESSIONS as u64 + 1_000;
+    match nofile_limit() {
+        Some(limit) if limit < needed => {
+            println!(
+                "   skipped: open-files limit {limit} < {needed}; raise it with `ulimit -n {needed}`"
+            );
+            return Ok(());
+        }
+        _ => {}
+    }
+    for (label, server, idle) in [
+        ("cordon wasm, Streamable HTTP", "cordon", Idle::Streamable),
+        ("cordon wasm, HTTP+SSE", "cordon", Idle::Sse),
+        ("native rmcp, Streamable HTTP", "native", Idle::Streamable),
+        ("cordon, connection, no session", "cordon", Idle::Connection),
+    ] {
+        let f = idle_sessions(&clients_rt, server, idle)?;
+        let per_session = (f.after_kib as f64 - f.before_kib as f64) / f.opened as f64;
+        println!(
+            "   {label:<30} server RSS {:>6.1} -> {:>6.1} MiB: {per_session:>5.1} KiB per session   \
+             (+{} fds; opened in {:.1} s; client side, in this process: {:.1} KiB per session)",
+            f.before_kib as f64 / 1024.0,
+            f.after_kib as f64 / 1024.0,
+            f.fds,
+            f.open_time.as_secs_f64(),
+            f.client_kib as f64 / f.opened as f64,
+        );
+    }
+    println!("   target: ≤ 64 KiB per session");
+    Ok(())
+}

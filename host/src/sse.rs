@@ -1,0 +1,791 @@
+//! The classic HTTP+SSE transport of MCP revision 2024-11-05, which rmcp
+//! lacks, as a thin adapter onto rmcp's server machinery.
+//!
+//! - `GET /sse` opens a session and its event stream. The first event is
+//!   `endpoint`, whose data is the URL to POST to
+//!   (`/messages?sessionId=<id>`); every JSON-RPC message from the server then
+//!   arrives as a `message` event, with `: keep-alive` comments in between.
+//! - `POST /messages?sessionId=<id>` takes one JSON-RPC message (or a batch)
+//!   and answers `202 Accepted`; the reply comes on the event stream.
+//!
+//! Each session runs [`McpHandler`] through `rmcp::ServiceExt::serve` over a
+//! pair of bounded channels, so it behaves exactly like a Streamable HTTP
+//! session. A session ends when its event stream closes (the client went
+//! away: in-flight calls are cancelled through their request tokens), when
+//! it is idle for `session_idle_secs` (no POST and nothing sent), or at
+//! shutdown.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt as _;
+use http::{HeaderMap, StatusCode, Uri};
+use rmcp::model::{ClientJsonRpcMessage, GetExtensions as _, ServerJsonRpcMessage};
+use rmcp::transport::Transport;
+use rmcp::{RoleServer, ServiceExt as _};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServerConfig;
+use crate::dispatch::{Dispatcher, Principal};
+use crate::mcp::McpHandler;
+
+/// Where a client opens an HTTP+SSE session.
+pub const SSE_PATH: &str = "/sse";
+/// Where a client POSTs its messages (`?sessionId=<id>`).
+pub const MESSAGES_PATH: &str = "/messages";
+
+/// Client messages waiting for the session's service loop (which reads
+/// continuously; a full queue holds the POST back).
+const INCOMING_CAPACITY: usize = 16;
+/// Server messages waiting for the event stream (a slow reader holds the
+/// session's sends back rather than growing a buffer).
+const OUTGOING_CAPACITY: usize = 32;
+
+/// The HTTP+SSE endpoints and their open sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct SseTransport {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SseTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SseTransport")
+            .field("sessions", &self.session_count())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    dispatcher: Arc<Dispatcher>,
+    /// The principal of requests that carry none (see [`SseTransport::principal_of`]).
+    fallback: Principal,
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    max_sessions: usize,
+    keep_alive: Duration,
+    idle: Duration,
+    max_body_bytes: usize,
+    allowed_hosts: Vec<String>,
+    allowed_origins: Vec<String>,
+    /// Parent of every session's token: cancelling it ends them all.
+    shutdown: CancellationToken,
+}
+
+/// One open session, as the POST handler sees it.
+struct Session {
+    /// Who opened it; only the same principal may post to it.
+    principal: Principal,
+    /// Into the session's service loop.
+    incoming: mpsc::Sender<Box<ClientJsonRpcMessage>>,
+    /// Ends the session: its service, in-flight calls and event stream.
+    ct: CancellationToken,
+    born: Instant,
+    /// Milliseconds after `born` of the last POST or message sent.
+    last_active_ms: AtomicU64,
+}
+
+impl Session {
+    fn touch(&self) {
+        let ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_active(&self) -> Instant {
+        self.born + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed))
+    }
+
+    /// Completes once the session has been idle for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let deadline = self.last_active() + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+impl SseTransport {
+    /// The transport for `dispatcher`, with the edge limits of `config`.
+    /// Cancelling `shutdown` ends every session.
+    pub fn new(
+        dispatcher: Arc<Dispatcher>,
+        config: &ServerConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
+        SseTransport {
+            shared: Arc::new(Shared {
+                dispatcher,
+                fallback: Principal::local(&config.local_tenant),
+                sessions: Mutex::new(HashMap::new()),
+                max_sessions: config.max_sessions,
+                keep_alive: Duration::from_secs(config.keep_alive_secs.max(1)),
+                idle: Duration::from_secs(config.session_idle_secs.max(1)),
+                max_body_bytes: config.max_body_bytes,
+                allowed_hosts: config.allowed_hosts.clone(),
+                allowed_origins: config.allowed_origins.clone(),
+                shutdown,
+            }),
+        }
+    }
+
+    /// Open sessions (including ones still shutting down).
+    pub fn session_count(&self) -> usize {
+        self.sessions().len()
+    }
+
+    /// `GET /sse` and `POST /messages`, behind the Host and Origin checks.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route(SSE_PATH, get(open_session))
+            .route(MESSAGES_PATH, post(post_message))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                check_host_and_origin,
+            ))
+            .with_state(self.clone())
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+        self.shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A live session by id.
+    fn session(&self, id: &str) -> Option<Arc<Session>> {
+        self.sessions()
+            .get(id)
+            .filter(|s| !s.ct.is_cancelled())
+            .cloned()
+    }
+
+    /// The principal a request acts as.
+    ///
+    /// AUTHENTICATION HOOK: the authentication layer (a middleware in front
+    /// of these routes) inserts the caller's [`Principal`] into the request
+    /// extensions. `GET /sse` stores it with the session (it becomes the
+    /// session handler's principal), and `POST /messages` must carry the same
+    /// one or is answered 404, as if the session did not exist. Until that
+    /// layer exists every request falls back to the local principal.
+    fn principal_of(&self, request: &Request) -> Principal {
+        request
+            .extensions()
+            .get::<Principal>()
+            .cloned()
+            .unwrap_or_else(|| self.shared.fallback.clone())
+    }
+}
+
+/// `GET /sse`: opens a session and streams its messages.
+async fn open_session(State(sse): State<SseTransport>, request: Request) -> Response {
+    let shared = &sse.shared;
+    let principal = sse.principal_of(&request);
+    let id: Arc<str> = rmcp::transport::common::server_side_http::session_id();
+    let ct = shared.shutdown.child_token();
+    let (incoming_tx, incoming_rx) = mpsc::channel(INCOMING_CAPACITY);
+    let (outgoing_tx, mut outgoing_rx) = mpsc::channel::<String>(OUTGOING_CAPACITY);
+    let session = Arc::new(Session {
+        principal: principal.clone(),
+        incoming: incoming_tx,
+        ct: ct.clone(),
+        born: Instant::now(),
+        last_active_ms: AtomicU64::new(0),
+    });
+    {
+        let mut sessions = sse.sessions();
+        if sessions.len() >= shared.max_sessions {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many open sessions; try again later",
+            )
+                .into_response();
+        }
+        sessions.insert(id.clone(), session.clone());
+    }
+    tracing::debug!(session = %id, tenant = %principal.tenant, "SSE session opened");
+
+    let handler = McpHandler::new(shared.dispatcher.clone(), principal);
+    let transport = SessionTransport {
+        incoming: incoming_rx,
+        outgoing: outgoing_tx,
+        session: session.clone(),
+    };
+    tokio::spawn(run_session(
+        sse.clone(),
+        id.clone(),
+        session,
+        handler,
+        transport,
+    ));
+
+    let endpoint = Event::default()
+        .event("endpoint")
+        .data(format!("{MESSAGES_PATH}?sessionId={id}"));
+    let messages = futures::stream::poll_fn(move |cx| outgoing_rx.poll_recv(cx))
+        .map(|json| Event::default().event("message").data(json));
+    // Dropping the stream (the client disconnected) ends the session.
+    let on_drop = ct.clone().drop_guard();
+    let stream = futures::stream::once(std::future::ready(endpoint))
+        .chain(messages)
+        .take_until(ct.cancelled_owned())
+        .map(move |event| {
+            let _ = &on_drop;
+            Ok::<_, Infallible>(event)
+        });
+    let sse_response = Sse::new(stream).keep_alive(
+        KeepAlive::new()
+            .interval(shared.keep_alive)
+            .text("keep-alive"),
+    );
+    // Ask reverse proxies not to buffer the stream.
+    ([("x-accel-buffering", "no")], sse_response).into_response()
+}
+
+/// Runs one session's MCP service until it ends, then forgets the session.
+async fn run_session(
+    sse: SseTransport,
+    id: Arc<str>,
+    session: Arc<Session>,
+    handler: McpHandler,
+    transport: SessionTransport,
+) {
+    struct Forget(SseTransport, Arc<str>);
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            self.0.sessions().remove(&self.1);
+        }
+    }
+    let _forget = Forget(sse.clone(), id.clone());
+
+    let ct = session.ct.clone();
+    let serve = async {
+        // Waits for `initialize` (or a request with inline metadata), then
+        // runs the service loop until `ct` is cancelled. Cancelling it
+        // cancels every in-flight request's token, which the handler passes
+        // on to the tool call.
+        //
+        // Boxed: the handshake future is large and short-lived; left inline
+        // it would stay allocated with this task for the session's life.
+        let initialized = Box::pin(handler.serve_with_ct(transport, ct.clone())).await;
+        match initialized {
+            Ok(running) => {
+                let _ = running.waiting().await;
+            }
+            Err(e) => {
+                tracing::debug!(session = %id, "SSE session ended before initialization: {e}")
+            }
+        }
+    };
+    let mut serve = std::pin::pin!(serve);
+    tokio::select! {
+        _ = &mut serve => {}
+        _ = session.idle_for(sse.shared.idle) => {
+            tracing::debug!(session = %id, "SSE session idle; closing it");
+            ct.cancel();
+            serve.await;
+        }
+    }
+    // The service may have stopped on its own: close the event stream too.
+    ct.cancel();
+    tracing::debug!(session = %id, "SSE session closed");
+}
+
+#[derive(serde::Deserialize)]
+struct MessagesQuery {
+    #[serde(rename = "sessionId")]
+    session_id: Option<String>,
+}
+
+/// `POST /messages?sessionId=<id>`: hands a message to its session.
+async fn post_message(State(sse): State<SseTransport>, request: Request) -> Response {
+    match deliver(&sse, request).await {
+        Ok(()) => (StatusCode::ACCEPTED, "Accepted").into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn deliver(sse: &SseTransport, request: Request) -> Result<(), Refusal> {
+    let session_id = Query::<MessagesQuery>::try_from_uri(request.uri())
+        .ok()
+        .and_then(|q| q.0.session_id);
+    let Some(session_id) = session_id else {
+        return Err(Refusal::text(
+            StatusCode::BAD_REQUEST,
+            "Bad Request: missing sessionId",
+        ));
+    };
+    let Some(session) = sse.session(&session_id) else {
+        return Err(Refusal::session_not_found());
+    };
+    // AUTHENTICATION HOOK: only the principal that opened the session may
+    // post to it (see `SseTransport::principal_of`).
+    let principal = sse.principal_of(&request);
+    if principal != session.principal {
+        tracing::warn!(session = %session_id, "POST to an SSE session by another principal");
+        return Err(Refusal::session_not_found());
+    }
+    if !is_json(request.headers()) {
+        return Err(Refusal::text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported Media Type: Content-Type must be application/json",
+        ));
+    }
+
+    let (parts, body) = request.into_parts();
+    let body = read_limited(body, sse.shared.max_body_bytes).await?;
+    let messages = parse_messages(&body)?;
+    drop(body);
+
+    session.touch();
+    for mut message in messages {
+        // The handler reads the principal from here (and the HTTP parts, as
+        // on /mcp).
+        match &mut message {
+            ClientJsonRpcMessage::Request(r) => {
+                let ext = r.request.extensions_mut();
+                ext.insert(principal.clone());
+                ext.insert(parts.clone());
+            }
+            ClientJsonRpcMessage::Notification(n) => {
+                let ext = n.notification.extensions_mut();
+                ext.insert(principal.clone());
+                ext.insert(parts.clone());
+            }
+            ClientJsonRpcMessage::Response(_) | ClientJsonRpcMessage::Error(_) => {}
+        }
+        let sent = tokio::select! {
+            sent = session.incoming.send(Box::new(message)) => sent.is_ok(),
+            _ = session.ct.cancelled() => false,
+        };
+        if !sent {
+            return Err(Refusal::session_not_found());
+        }
+    }
+    Ok(())
+}
+
+/// Why a request is refused: a plain-text body, or a JSON-RPC error body.
+#[derive(Debug)]
+enum Refusal {
+    Text(StatusCode, String),
+    JsonRpc {
+        id: Option<serde_json::Value>,
+        code: i32,
+        message: String,
+    },
+}
+
+impl Refusal {
+    fn text(status: StatusCode, message: impl Into<String>) -> Self {
+        Refusal::Text(status, message.into())
+    }
+
+    fn forbidden(message: &str) -> Self {
+        Refusal::Text(StatusCode::FORBIDDEN, format!("Forbidden: {message}"))
+    }
+
+    fn session_not_found() -> Self {
+        Refusal::text(StatusCode::NOT_FOUND, "Not Found: no such session")
+    }
+
+    fn jsonrpc(id: Option<serde_json::Value>, code: i32, message: String) -> Self {
+        Refusal::JsonRpc { id, code, message }
+    }
+
+    #[cfg(test)]
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::Text(status, _) => *status,
+            Refusal::JsonRpc { .. } => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Text(status, message) => (status, message).into_response(),
+            Refusal::JsonRpc { id, code, message } => {
+                let body = json!({
+                    "jsonrpc": "2.0",
+                    "id": id,
+                    "error": { "code": code, "message": message },
+                });
+                (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+            }
+        }
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let essence = v.split_once(';').map_or(v, |(essence, _)| essence);
+            essence.trim().eq_ignore_ascii_case("application/json")
+        })
+}
+
+/// The whole body, or 413 beyond `max` bytes.
+async fn read_limited(body: Body, max: usize) -> Result<Vec<u8>, Refusal> {
+    let too_large = || {
+        Refusal::text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Payload Too Large: request body exceeds {max} bytes"),
+        )
+    };
+    let mut collected = Vec::new();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk: Bytes = chunk.map_err(|e| {
+            Refusal::text(
+                StatusCode::BAD_REQUEST,
+                format!("Bad Request: cannot read the body: {e}"),
+            )
+        })?;
+        if chunk.len() > max.saturating_sub(collected.len()) {
+            return Err(too_large());
+        }
+        collected.extend_from_slice(&chunk);
+    }
+    Ok(collected)
+}
+
+/// One message or a batch (JSON-RPC 2.0 allows them in 2024-11-05; each
+/// reply goes out as its own `message` event). Errors are JSON-RPC error
+/// bodies with status 400.
+fn parse_messages(body: &[u8]) -> Result<Vec<ClientJsonRpcMessage>, Refusal> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Refusal::jsonrpc(None, -32700, format!("Parse error: {e}")))?;
+    let items = match value {
+        serde_json::Value::Array(items) if items.is_empty() => {
+            return Err(Refusal::jsonrpc(
+                None,
+                -32600,
+                "Invalid Request: empty batch".into(),
+            ));
+        }
+        serde_json::Value::Array(items) => items,
+        single => vec![single],
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let id = item
+                .get("id")
+                .filter(|id| id.is_string() || id.is_number())
+                .cloned();
+            serde_json::from_value(item)
+                .map_err(|e| Refusal::jsonrpc(id, -32600, format!("Invalid Request: {e}")))
+        })
+        .collect()
+}
+
+/// Bridges a session's rmcp service to the POST handler and the event stream.
+struct SessionTransport {
+    incoming: mpsc::Receiver<Box<ClientJsonRpcMessage>>,
+    /// Serialized messages (small queue slots; the stream only frames them).
+    outgoing: mpsc::Sender<String>,
+    session: Arc<Session>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("the event stream is closed")]
+    Closed,
+    #[error("cannot encode a message: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl Transport<RoleServer> for SessionTransport {
+    type Error = SendError;
+
+    fn send(
+        &mut self,
+        item: ServerJsonRpcMessage,
+    ) -> impl Future<Output = Result<(), SendError>> + Send + 'static {
+        let outgoing = self.outgoing.clone();
+        let session = self.session.clone();
+        let json = serde_json::to_string(&item);
+        async move {
+            outgoing.send(json?).await.map_err(|_| SendError::Closed)?;
+            session.touch();
+            Ok(())
+        }
+    }
+
+    async fn receive(&mut self) -> Option<ClientJsonRpcMessage> {
+        self.incoming.recv().await.map(|message| *message)
+    }
+
+    async fn close(&mut self) -> Result<(), SendError> {
+        self.incoming.close();
+        Ok(())
+    }
+}
+
+/// Rejects requests whose `Host` is not allowed (DNS rebinding) or whose
+/// `Origin` is not allowed, the way rmcp checks `/mcp`.
+async fn check_host_and_origin(
+    State(sse): State<SseTransport>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let checked = check_host(request.uri(), request.headers(), &sse.shared.allowed_hosts)
+        .and_then(|()| check_origin(request.headers(), &sse.shared.allowed_origins));
+    match checked {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Authority {
+    host: String,
+    port: Option<u16>,
+}
+
+fn normalize_host(host: &str) -> String {
+    host.trim_matches('[')
+        .trim_matches(']')
+        .to_ascii_lowercase()
+}
+
+fn authority(host: &str, port: Option<u16>) -> Authority {
+    Authority {
+        host: normalize_host(host),
+        port,
+    }
+}
+
+/// As rmcp: the `Host` header (or the URI's authority, for HTTP/2) must match
+/// an entry of `allowed` (host, or host:port); an empty list allows any.
+fn check_host(uri: &Uri, headers: &HeaderMap, allowed: &[String]) -> Result<(), Refusal> {
+    let bad = |m: &str| Refusal::text(StatusCode::BAD_REQUEST, format!("Bad Request: {m}"));
+    let host = match headers.get(http::header::HOST) {
+        Some(value) => {
+            let value = value
+                .to_str()
+                .map_err(|_| bad("Invalid Host header encoding"))?;
+            let parsed =
+                http::uri::Authority::try_from(value).map_err(|_| bad("Invalid Host header"))?;
+            authority(parsed.host(), parsed.port_u16())
+        }
+        None => {
+            let parsed = uri.authority().ok_or_else(|| bad("missing Host header"))?;
+            authority(parsed.host(), parsed.port_u16())
+        }
+    };
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let is_allowed = allowed.iter().any(|entry| {
+        let entry = entry.trim();
+        if entry.is_empty() {
+            return false;
+        }
+        let entry = match http::uri::Authority::try_from(entry) {
+            Ok(a) => authority(a.host(), a.port_u16()),
+            Err(_) => authority(entry, None),
+        };
+        entry.host == host.host && entry.port.is_none_or(|port| host.port == Some(port))
+    });
+    if is_allowed {
+        Ok(())
+    } else {
+        tracing::warn!(
+            ?host,
+            "rejected an SSE request with a disallowed Host header"
+        );
+        Err(Refusal::forbidden("Host header is not allowed"))
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Origin {
+    Null,
+    Tuple {
+        scheme: String,
+        host: String,
+        port: Option<u16>,
+    },
+}
+
+fn parse_origin(value: &str) -> Option<Origin> {
+    let value = value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    if value.eq_ignore_ascii_case("null") {
+        return Some(Origin::Null);
+    }
+    let uri = Uri::try_from(value).ok()?;
+    let authority = uri.authority()?;
+    Some(Origin::Tuple {
+        scheme: uri.scheme_str()?.to_ascii_lowercase(),
+        host: normalize_host(authority.host()),
+        port: authority.port_u16(),
+    })
+}
+
+/// Whether `origin` matches an allow-list entry: `scheme://host:port`,
+/// `scheme://host:*` (any port), `scheme://host` (any port, as rmcp still
+/// does) or `null`.
+fn origin_matches(entry: &str, origin: &Origin) -> bool {
+    let entry = entry.trim();
+    let (base, any_port) = match entry.strip_suffix(":*") {
+        Some(base) => (base, true),
+        None => (entry, false),
+    };
+    match (parse_origin(base), origin) {
+        (Some(Origin::Null), Origin::Null) => !any_port,
+        (
+            Some(Origin::Tuple { scheme, host, port }),
+            Origin::Tuple {
+                scheme: o_scheme,
+                host: o_host,
+                port: o_port,
+            },
+        ) => {
+            if any_port && port.is_some() {
+                return false;
+            }
+            let default_port = match o_scheme.as_str() {
+                "http" => Some(80),
+                "https" => Some(443),
+                _ => None,
+            };
+            scheme == *o_scheme
+                && host == *o_host
+                && match port {
+                    Some(port) if !any_port => o_port.or(default_port) == Some(port),
+                    _ => true,
+                }
+        }
+        _ => false,
+    }
+}
+
+/// A request with an `Origin` (a browser) must come from an allowed origin;
+/// an empty list allows no browser origin at all.
+fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), Refusal> {
+    let Some(value) = headers.get(http::header::ORIGIN) else {
+        return Ok(());
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| Refusal::forbidden("Invalid Origin header encoding"))?;
+    let origin = parse_origin(value).ok_or_else(|| Refusal::forbidden("Invalid Origin header"))?;
+    if allowed.iter().any(|entry| origin_matches(entry, &origin)) {
+        Ok(())
+    } else {
+        tracing::warn!(
+            ?origin,
+            "rejected an SSE request with a disallowed Origin header"
+        );
+        Err(Refusal::forbidden("Origin header is not allowed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    fn host_ok(host: &str, allowed: &[&str]) -> bool {
+        let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+        check_host(
+            &Uri::from_static("/sse"),
+            &headers(&[("host", host)]),
+            &allowed,
+        )
+        .is_ok()
+    }
+
+    fn origin_ok(origin: &str, allowed: &[&str]) -> bool {
+        let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+        check_origin(&headers(&[("origin", origin)]), &allowed).is_ok()
+    }
+
+    #[test]
+    fn hosts_match_like_rmcp() {
+        let loopback = ["localhost", "127.0.0.1", "::1"];
+        assert!(host_ok("localhost:8750", &loopback));
+        assert!(host_ok("LOCALHOST", &loopback));
+        assert!(host_ok("127.0.0.1:1", &loopback));
+        assert!(host_ok("[::1]:8750", &loopback));
+        assert!(!host_ok("evil.example", &loopback));
+        assert!(!host_ok("localhost.evil.example:8750", &loopback));
+        assert!(host_ok("mcp.example:443", &["mcp.example:443"]));
+        assert!(!host_ok("mcp.example:8443", &["mcp.example:443"]));
+        assert!(host_ok("anything", &[]));
+    }
+
+    #[test]
+    fn origins_match_like_rmcp() {
+        assert!(!origin_ok("http://localhost:3000", &[]));
+        assert!(origin_ok("http://localhost:3000", &["http://localhost:*"]));
+        assert!(!origin_ok(
+            "https://localhost:3000",
+            &["http://localhost:*"]
+        ));
+        assert!(origin_ok(
+            "https://app.example",
+            &["https://app.example:443"]
+        ));
+        assert!(!origin_ok(
+            "https://app.example:8443",
+            &["https://app.example:443"]
+        ));
+        assert!(origin_ok(
+            "https://app.example:8443",
+            &["https://app.example"]
+        ));
+        assert!(!origin_ok(
+            "https://evil.example",
+            &["https://app.example:443"]
+        ));
+        assert!(origin_ok("null", &["null"]));
+        assert!(!origin_ok("null", &["http://localhost:*"]));
+        assert!(!origin_ok("not a url", &["http://localhost:*"]));
+        assert!(check_origin(&HeaderMap::new(), &[]).is_ok());
+    }
+
+    #[test]
+    fn bodies_parse_into_messages_or_jsonrpc_errors() {
+        let init = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+        assert_eq!(parse_messages(init).unwrap().len(), 1);
+        let batch = br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
+        assert_eq!(parse_messages(batch).unwrap().len(), 2);
+        for bad in [&b"{not json"[..], b"[]", br#"{"id":7}"#] {
+            let refusal = parse_messages(bad).unwrap_err();
+            assert_eq!(refusal.status(), StatusCode::BAD_REQUEST);
+        }
+    }
+}

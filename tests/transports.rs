@@ -1,0 +1,1006 @@
+//! The HTTP transports end to end: the real router on a loopback port, real
+//! guests, a real HTTP client. Covers the classic HTTP+SSE transport
+//! (`GET /sse` + `POST /messages`, revision 2024-11-05), the edge checks
+//! shared with Streamable HTTP (`/mcp`), and the session lifecycle of both.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use common::{Sandbox, guest, shared_cache_dir};
+use cordon::app::App;
+use cordon::config::Config;
+use futures::{Stream, StreamExt as _};
+use http::{HeaderMap, Method, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// How long any single expected event may take.
+const WAIT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------
+// Harness
+
+/// A running server on 127.0.0.1, with its own tools directory.
+struct TestServer {
+    http: Http,
+    shutdown: CancellationToken,
+    dir: tempfile::TempDir,
+    _app: App,
+}
+
+impl std::ops::Deref for TestServer {
+    type Target = Http;
+    fn deref(&self) -> &Http {
+        &self.http
+    }
+}
+
+/// An HTTP client of one server.
+struct Http {
+    base: String,
+    client: Client<HttpConnector, String>,
+}
+
+impl Http {
+    fn new(base: String) -> Http {
+        Http {
+            base,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Starts a server serving copies of `guests`; `extra` is appended to the
+/// config (e.g. a `[server]` table).
+async fn start(guests: &[&str], extra: &str, watch: bool) -> TestServer {
+    start_wrapped(guests, extra, watch, |router| router).await
+}
+
+/// [`start`], with `wrap` applied to the router (e.g. a stand-in for the
+/// authentication layer).
+async fn start_wrapped(
+    guests: &[&str],
+    extra: &str,
+    watch: bool,
+    wrap: impl FnOnce(axum::Router) -> axum::Router,
+) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let tools = dir.path().join("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    for g in guests {
+        std::fs::copy(guest(g), tools.join(format!("{g}.wasm"))).unwrap();
+    }
+    let mut text = Sandbox::config_text(&shared_cache_dir(), extra);
+    if watch {
+        text = text.replace("watch = false", "watch = true");
+    }
+    let config = Config::parse(&text, "test", dir.path().to_owned()).unwrap();
+    let server_config = config.server.clone();
+    let app = App::open(config, watch).await.unwrap();
+    let problems = app.dispatcher.registry().snapshot().problems().to_vec();
+    assert!(problems.is_empty(), "load problems: {problems:?}");
+
+    let shutdown = CancellationToken::new();
+    let router = wrap(cordon::server::router(
+        app.dispatcher.clone(),
+        &server_config,
+        shutdown.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(cordon::server::serve_on(listener, router, shutdown.clone()));
+    TestServer {
+        http: Http::new(format!("http://{addr}")),
+        shutdown,
+        dir,
+        _app: app,
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    /// The JSON body, or the last JSON message of an event-stream body
+    /// (rmcp answers session requests on `/mcp` as a short event stream).
+    fn json(&self) -> Value {
+        if let Ok(value) = serde_json::from_str(&self.body) {
+            return value;
+        }
+        self.body
+            .lines()
+            .rev()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .find_map(|data| serde_json::from_str(data.trim()).ok())
+            .unwrap_or_else(|| panic!("no JSON in: {}", self.body))
+    }
+}
+
+impl Http {
+    fn request(&self, method: Method, path: &str) -> http::request::Builder {
+        http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+    }
+
+    async fn send(&self, request: http::request::Builder, body: impl Into<String>) -> Reply {
+        let response = tokio::time::timeout(
+            WAIT,
+            self.client.request(request.body(body.into()).unwrap()),
+        )
+        .await
+        .expect("the server did not answer in time")
+        .unwrap();
+        let (parts, body) = response.into_parts();
+        let body = axum::body::to_bytes(Body::new(body), usize::MAX)
+            .await
+            .unwrap();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8(body.to_vec()).unwrap(),
+        }
+    }
+
+    /// POSTs `body` as JSON to `path`.
+    async fn post_json(&self, path: &str, body: impl Into<String>) -> Reply {
+        self.send(
+            self.request(Method::POST, path)
+                .header("content-type", "application/json"),
+            body,
+        )
+        .await
+    }
+
+    /// Opens `GET /sse` with extra `headers`; returns the status and, on
+    /// success, the event stream.
+    async fn get_sse(&self, headers: &[(&str, &str)]) -> (StatusCode, Option<EventStream>) {
+        let mut request = self
+            .request(Method::GET, "/sse")
+            .header("accept", "text/event-stream");
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = tokio::time::timeout(
+            WAIT,
+            self.client.request(request.body(String::new()).unwrap()),
+        )
+        .await
+        .expect("the server did not answer in time")
+        .unwrap();
+        let status = response.status();
+        if status != StatusCode::OK {
+            return (status, None);
+        }
+        let content_type = response.headers()["content-type"].to_str().unwrap();
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        let body = Body::new(response.into_body()).into_data_stream();
+        (
+            status,
+            Some(EventStream {
+                body: Box::pin(body),
+                buf: Vec::new(),
+            }),
+        )
+    }
+
+    /// Opens an SSE session (not yet initialized).
+    async fn open_sse(&self) -> SseSession<'_> {
+        let (status, stream) = self.get_sse(&[]).await;
+        assert_eq!(status, StatusCode::OK);
+        let mut stream = stream.unwrap();
+        let first = stream.next_event().await.expect("the stream ended");
+        assert_eq!(first.event, "endpoint", "{first:?}");
+        let id = first
+            .data
+            .strip_prefix("/messages?sessionId=")
+            .unwrap_or_else(|| panic!("endpoint: {}", first.data))
+            .to_owned();
+        assert_eq!(id.len(), 36, "a UUID: {id}");
+        SseSession {
+            server: self,
+            stream,
+            endpoint: first.data,
+            next_id: 1,
+        }
+    }
+
+    /// Opens an SSE session and initializes it.
+    async fn sse_session(&self) -> SseSession<'_> {
+        let mut session = self.open_sse().await;
+        session.initialize().await;
+        session
+    }
+}
+
+#[derive(Debug)]
+enum SseItem {
+    Comment(String),
+    Event(SseEvent),
+}
+
+#[derive(Debug)]
+struct SseEvent {
+    event: String,
+    data: String,
+}
+
+type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, axum::Error>> + Send>>;
+
+/// A `text/event-stream` body, parsed.
+struct EventStream {
+    body: ByteStream,
+    buf: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next event or comment; `None` when the stream ends. Panics after
+    /// [`WAIT`].
+    async fn next_item(&mut self) -> Option<SseItem> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let block = String::from_utf8(block).unwrap();
+                let mut event = String::from("message");
+                let mut data = Vec::new();
+                let mut comment = None;
+                for line in block.lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        comment = Some(c.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim_start().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
+                    }
+                }
+                if data.is_empty() {
+                    if let Some(c) = comment {
+                        return Some(SseItem::Comment(c));
+                    }
+                    continue;
+                }
+                return Some(SseItem::Event(SseEvent {
+                    event,
+                    data: data.join("\n"),
+                }));
+            }
+            let chunk = tokio::time::timeout(WAIT, self.body.next())
+                .await
+                .expect("no event in time");
+            match chunk {
+                Some(Ok(bytes)) => self.buf.extend_from_slice(&bytes),
+                Some(Err(e)) => panic!("the event stream failed: {e}"),
+                None => return None,
+            }
+        }
+    }
+
+    /// The next event, skipping comments.
+    async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            match self.next_item().await? {
+                SseItem::Comment(_) => continue,
+                SseItem::Event(e) => return Some(e),
+            }
+        }
+    }
+}
+
+/// An open HTTP+SSE session.
+struct SseSession<'a> {
+    server: &'a Http,
+    stream: EventStream,
+    /// `/messages?sessionId=…`
+    endpoint: String,
+    next_id: u64,
+}
+
+impl SseSession<'_> {
+    async fn post(&self, body: impl Into<String>) -> Reply {
+        self.server.post_json(&self.endpoint, body).await
+    }
+
+    /// POSTs a message that must be accepted.
+    async fn send(&self, message: Value) {
+        let reply = self.post(message.to_string()).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    }
+
+    /// The next `message` event, parsed.
+    async fn next_message(&mut self) -> Value {
+        let event = self.stream.next_event().await.expect("the stream ended");
+        assert_eq!(event.event, "message", "{event:?}");
+        serde_json::from_str(&event.data).unwrap()
+    }
+
+    /// Sends a request; returns the notifications that came before its
+    /// response, and the response.
+    async fn call(&mut self, method: &str, params: Value) -> (Vec<Value>, Value) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await;
+        let mut notifications = Vec::new();
+        loop {
+            let message = self.next_message().await;
+            if message.get("id") == Some(&json!(id)) {
+                return (notifications, message);
+            }
+            notifications.push(message);
+        }
+    }
+
+    /// A request's result (panics on a JSON-RPC error).
+    async fn result(&mut self, method: &str, params: Value) -> Value {
+        let (_, response) = self.call(method, params).await;
+        response
+            .get("result")
+            .unwrap_or_else(|| panic!("{method} failed: {response}"))
+            .clone()
+    }
+
+    async fn initialize(&mut self) -> Value {
+        let result = self
+            .result(
+                "initialize",
+                json!({
+                    "protocolVersion": "2024-11-05",
+                    "capabilities": {},
+                    "clientInfo": {"name": "transports-test", "version": "0"}
+                }),
+            )
+            .await;
+        self.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        result
+    }
+
+    /// Waits until the server forgets this session (POSTs get 404).
+    async fn wait_until_gone(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let reply = self
+                .post(json!({"jsonrpc": "2.0", "id": 999, "method": "ping"}).to_string())
+                .await;
+            if reply.status == StatusCode::NOT_FOUND {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the session is still open");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn initialize_body(version: &str) -> String {
+    json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {
+            "protocolVersion": version,
+            "capabilities": {},
+            "clientInfo": {"name": "transports-test", "version": "0"}
+        }
+    })
+    .to_string()
+}
+
+/// A POST to `/mcp` with the headers Streamable HTTP requires.
+fn mcp_post(server: &Http) -> http::request::Builder {
+    server
+        .request(Method::POST, "/mcp")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+}
+
+// ---------------------------------------------------------------------------
+// HTTP+SSE
+
+#[tokio::test]
+async fn sse_serves_initialize_tools_list_and_tools_call() {
+    let server = start(&["text", "conformance"], "", false).await;
+    let mut session = server.open_sse().await;
+
+    let init = session.initialize().await;
+    assert_eq!(init["protocolVersion"], "2024-11-05");
+    assert_eq!(init["serverInfo"]["name"], "cordon");
+    assert!(init["capabilities"]["tools"].is_object(), "{init}");
+
+    let tools = session.result("tools/list", json!({})).await;
+    let names: Vec<&str> = tools["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"text_stats"), "{names:?}");
+    assert!(names.contains(&"test_tool_with_progress"), "{names:?}");
+
+    let call = session
+        .result(
+            "tools/call",
+            json!({"name": "text_stats", "arguments": {"text": "hello wide world\nbye"}}),
+        )
+        .await;
+    assert_eq!(call["isError"], json!(false), "{call}");
+    assert_eq!(call["structuredContent"]["words"], 4, "{call}");
+    assert_eq!(call["structuredContent"]["lines"], 2, "{call}");
+
+    // A batch: each reply arrives as its own event.
+    session
+        .send(json!([
+            {"jsonrpc": "2.0", "id": "a", "method": "ping"},
+            {"jsonrpc": "2.0", "id": "b", "method": "ping"}
+        ]))
+        .await;
+    let mut ids = vec![
+        session.next_message().await["id"].clone(),
+        session.next_message().await["id"].clone(),
+    ];
+    ids.sort_by_key(|id| id.to_string());
+    assert_eq!(ids, vec![json!("a"), json!("b")]);
+}
+
+#[tokio::test]
+async fn sse_delivers_progress_and_log_notifications_before_the_response() {
+    let server = start(&["conformance"], "", false).await;
+    let mut session = server.sse_session().await;
+
+    let (notifications, response) = session
+        .call(
+            "tools/call",
+            json!({"name": "test_tool_with_progress", "arguments": {}, "_meta": {"progressToken": "p-1"}}),
+        )
+        .await;
+    assert_eq!(
+        response["result"]["content"][0]["text"],
+        "Tool with progress executed successfully"
+    );
+    let progress: Vec<&Value> = notifications
+        .iter()
+        .filter(|n| n["method"] == "notifications/progress")
+        .collect();
+    assert_eq!(progress.len(), 3, "{notifications:?}");
+    for (n, expected) in progress.iter().zip([0.0, 50.0, 100.0]) {
+        assert_eq!(n["params"]["progressToken"], "p-1");
+        assert_eq!(n["params"]["progress"].as_f64(), Some(expected));
+        assert_eq!(n["params"]["total"].as_f64(), Some(100.0));
+    }
+
+    session
+        .result("logging/setLevel", json!({"level": "info"}))
+        .await;
+    let (notifications, _) = session
+        .call(
+            "tools/call",
+            json!({"name": "test_tool_with_logging", "arguments": {}}),
+        )
+        .await;
+    let logs: Vec<&Value> = notifications
+        .iter()
+        .filter(|n| n["method"] == "notifications/message")
+        .collect();
+    assert_eq!(logs.len(), 3, "{notifications:?}");
+    assert_eq!(logs[0]["params"]["data"], "Tool execution started");
+}
+
+#[tokio::test]
+async fn sse_post_errors_leave_the_session_working() {
+    let server = start(&["conformance"], "[server]\nmax_body_bytes = 4096\n", false).await;
+    let mut session = server.sse_session().await;
+    let ping = json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}).to_string();
+
+    let reply = server.post_json("/messages", ping.clone()).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "missing sessionId");
+    let reply = server
+        .post_json(
+            "/messages?sessionId=00000000-0000-4000-8000-000000000000",
+            ping.clone(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "unknown session");
+
+    let reply = session
+        .post("{\"jsonrpc\": \"2.0\", \"id\": 5, \"meth")
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.json()["error"]["code"], -32700, "{}", reply.body);
+    assert_eq!(reply.json()["jsonrpc"], "2.0");
+
+    let reply = session.post(r#"{"jsonrpc": "2.0", "id": 6}"#).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.json()["error"]["code"], -32600, "{}", reply.body);
+    assert_eq!(reply.json()["id"], 6);
+
+    let reply = server
+        .send(
+            server
+                .request(Method::POST, &session.endpoint)
+                .header("content-type", "text/plain"),
+            ping.clone(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    let big =
+        json!({"jsonrpc": "2.0", "id": 7, "method": "ping", "params": {"pad": "x".repeat(5000)}});
+    let reply = session.post(big.to_string()).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+
+    // Still alive.
+    let (_, pong) = session.call("ping", json!({})).await;
+    assert_eq!(pong["result"], json!({}), "{pong}");
+    let tools = session.result("tools/list", json!({})).await;
+    assert!(!tools["tools"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn list_changed_reaches_an_open_sse_session() {
+    let server = start(&["conformance"], "", true).await;
+    let mut session = server.sse_session().await;
+    // A round trip, so the `initialized` notification has been handled.
+    session.result("tools/list", json!({})).await;
+
+    std::fs::copy(guest("text"), server.dir.path().join("tools/text.wasm")).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "no list_changed notification");
+        let message = session.next_message().await;
+        if message["method"] == "notifications/tools/list_changed" {
+            break;
+        }
+    }
+    let tools = session.result("tools/list", json!({})).await;
+    assert!(
+        tools["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "text_stats"),
+        "{tools}"
+    );
+}
+
+#[tokio::test]
+async fn idle_sse_sessions_get_keep_alives_then_expire() {
+    let server = start(
+        &["conformance"],
+        "[server]\nkeep_alive_secs = 1\nsession_idle_secs = 3\n",
+        false,
+    )
+    .await;
+    let mut session = server.sse_session().await;
+    let mut keep_alives = 0;
+    // The stream ends when the session expires.
+    while let Some(item) = session.stream.next_item().await {
+        match item {
+            SseItem::Comment(c) => {
+                assert_eq!(c, "keep-alive");
+                keep_alives += 1;
+            }
+            SseItem::Event(e) => panic!("unexpected event {e:?}"),
+        }
+    }
+    assert!(keep_alives >= 1, "no keep-alive comment");
+    let reply = session
+        .post(json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}).to_string())
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_session_cap_covers_both_transports_and_disconnects_free_slots() {
+    let server = start(
+        &["conformance"],
+        "[server]\nmax_sessions = 1\n[limits]\ntimeout_ms = 60000\n",
+        false,
+    )
+    .await;
+    let mut session = server.sse_session().await;
+
+    let (status, _) = server.get_sse(&[]).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "second SSE session"
+    );
+    let reply = server
+        .send(mcp_post(&server), initialize_body("2025-06-18"))
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a /mcp session"
+    );
+
+    // Start a long call, then disconnect in the middle of it.
+    session
+        .send(json!({
+            "jsonrpc": "2.0", "id": 42, "method": "tools/call",
+            "params": {"name": "sleep_ms", "arguments": {"ms": 60000}, "_meta": {"progressToken": 1}}
+        }))
+        .await;
+    let first = session.next_message().await;
+    assert_eq!(first["method"], "notifications/progress", "{first}");
+    let endpoint = session.endpoint.clone();
+    drop(session);
+    let disconnected = Instant::now();
+
+    // The slot frees as soon as the session has wound down. rmcp waits up to
+    // 2 s for handlers that ignore cancellation, so freeing well within that
+    // shows the in-flight call was cancelled.
+    let mut stream = loop {
+        let (status, stream) = server.get_sse(&[]).await;
+        if status == StatusCode::OK {
+            break stream.unwrap();
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(disconnected.elapsed() < WAIT, "the slot never freed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let freed = disconnected.elapsed();
+    eprintln!("the slot freed {freed:?} after the disconnect");
+    assert!(freed < Duration::from_millis(1500), "freed after {freed:?}");
+    assert_eq!(stream.next_event().await.unwrap().event, "endpoint");
+    let reply = server
+        .post_json(
+            &endpoint,
+            json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}).to_string(),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::NOT_FOUND,
+        "the old session is gone"
+    );
+}
+
+#[tokio::test]
+async fn a_session_ends_when_its_stream_is_dropped() {
+    let server = start(&["conformance"], "", false).await;
+    let mut session = server.sse_session().await;
+    session.result("tools/list", json!({})).await;
+    let endpoint = session.endpoint.clone();
+    let stream = std::mem::replace(
+        &mut session.stream,
+        EventStream {
+            body: Box::pin(futures::stream::empty()),
+            buf: Vec::new(),
+        },
+    );
+    drop(stream);
+    session.wait_until_gone().await;
+    let reply = server
+        .post_json(
+            &endpoint,
+            json!({"jsonrpc": "2.0", "id": 1, "method": "ping"}).to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn server_shutdown_ends_open_sse_streams() {
+    let server = start(&["conformance"], "", false).await;
+    let mut session = server.sse_session().await;
+    server.shutdown.cancel();
+    while let Some(item) = session.stream.next_item().await {
+        assert!(matches!(item, SseItem::Comment(_)), "{item:?}");
+    }
+}
+
+/// Stands in for the authentication layer: the tenant named by an
+/// `x-test-tenant` header becomes the request's principal.
+async fn test_principal(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(tenant) = request.headers().get("x-test-tenant") {
+        let tenant = tenant.to_str().unwrap().to_owned();
+        request
+            .extensions_mut()
+            .insert(cordon::dispatch::Principal::local(&tenant));
+    }
+    next.run(request).await
+}
+
+#[tokio::test]
+async fn only_the_principal_that_opened_an_sse_session_may_post_to_it() {
+    let server = start_wrapped(&["conformance"], "", false, |router| {
+        router.layer(axum::middleware::from_fn(test_principal))
+    })
+    .await;
+    let (status, stream) = server.get_sse(&[("x-test-tenant", "alice")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut stream = stream.unwrap();
+    let endpoint = stream.next_event().await.unwrap().data;
+    let post_as = |tenant: Option<&'static str>| {
+        let mut request = server
+            .request(Method::POST, &endpoint)
+            .header("content-type", "application/json");
+        if let Some(tenant) = tenant {
+            request = request.header("x-test-tenant", tenant);
+        }
+        server.send(request, initialize_body("2024-11-05"))
+    };
+    assert_eq!(post_as(Some("mallory")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(post_as(None).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(post_as(Some("alice")).await.status, StatusCode::ACCEPTED);
+    let reply = stream.next_event().await.unwrap();
+    let reply: Value = serde_json::from_str(&reply.data).unwrap();
+    assert_eq!(reply["result"]["serverInfo"]["name"], "cordon", "{reply}");
+}
+
+// ---------------------------------------------------------------------------
+// Edge checks, both transports
+
+#[tokio::test]
+async fn foreign_origins_and_hosts_are_refused() {
+    let server = start(
+        &["conformance"],
+        "[server]\nallowed_origins = [\"http://localhost:*\"]\n",
+        false,
+    )
+    .await;
+
+    let (status, _) = server.get_sse(&[("origin", "http://evil.example")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "foreign Origin on /sse");
+    let reply = server
+        .send(
+            mcp_post(&server).header("origin", "http://evil.example"),
+            initialize_body("2025-06-18"),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::FORBIDDEN,
+        "foreign Origin on /mcp"
+    );
+
+    let (status, _) = server.get_sse(&[("host", "evil.example")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "foreign Host on /sse");
+    let reply = server
+        .send(
+            mcp_post(&server).header("host", "evil.example:8750"),
+            initialize_body("2025-06-18"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "foreign Host on /mcp");
+
+    // An allowed origin and a loopback name pass.
+    let (status, stream) = server
+        .get_sse(&[
+            ("origin", "http://localhost:3000"),
+            ("host", "localhost:1234"),
+        ])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let mut stream = stream.unwrap();
+    let endpoint = stream.next_event().await.unwrap().data;
+    let reply = server
+        .send(
+            server
+                .request(Method::POST, &endpoint)
+                .header("content-type", "application/json")
+                .header("origin", "http://evil.example"),
+            initialize_body("2024-11-05"),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::FORBIDDEN,
+        "foreign Origin on /messages"
+    );
+}
+
+#[tokio::test]
+async fn without_allowed_origins_no_browser_origin_passes() {
+    let server = start(&["conformance"], "", false).await;
+    let (status, _) = server.get_sse(&[("origin", "http://localhost:3000")]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let reply = server
+        .send(
+            mcp_post(&server).header("origin", "http://localhost:3000"),
+            initialize_body("2025-06-18"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    // Non-browser clients (no Origin) pass.
+    let (status, _) = server.get_sse(&[]).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413_on_both_transports() {
+    let server = start(&["conformance"], "[server]\nmax_body_bytes = 4096\n", false).await;
+    let big = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"message": "x".repeat(8000)}}
+    })
+    .to_string();
+    let reply = server.send(mcp_post(&server), big.clone()).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "/mcp");
+    let session = server.sse_session().await;
+    let reply = session.post(big).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "/messages");
+}
+
+// ---------------------------------------------------------------------------
+// Streamable HTTP sessions
+
+#[tokio::test]
+async fn streamable_http_sessions_open_fail_and_close() {
+    let server = start(&["conformance"], "", false).await;
+
+    let reply = server
+        .send(mcp_post(&server), initialize_body("2025-06-18"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let session_id = reply.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    assert_eq!(reply.json()["result"]["protocolVersion"], "2025-06-18");
+
+    let with_session = |id: &str| {
+        mcp_post(&server)
+            .header("mcp-session-id", id)
+            .header("mcp-protocol-version", "2025-06-18")
+    };
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string();
+    let reply = server.send(with_session(&session_id), initialized).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}).to_string();
+    let reply = server.send(with_session(&session_id), list.clone()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert!(reply.json()["result"]["tools"].is_array(), "{}", reply.body);
+
+    let reply = server
+        .send(
+            with_session("00000000-0000-4000-8000-000000000000"),
+            list.clone(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "unknown session");
+
+    let reply = server
+        .send(
+            mcp_post(&server)
+                .header("mcp-session-id", &session_id)
+                .header("mcp-protocol-version", "1999-01-01"),
+            list.clone(),
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "unsupported MCP-Protocol-Version"
+    );
+
+    let reply = server
+        .send(
+            server
+                .request(Method::DELETE, "/mcp")
+                .header("mcp-session-id", &session_id),
+            "",
+        )
+        .await;
+    assert!(reply.status.is_success(), "DELETE: {}", reply.status);
+    let reply = server.send(with_session(&session_id), list).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "after DELETE");
+}
+
+// ---------------------------------------------------------------------------
+// Memory per idle SSE session
+
+/// Counts the bytes allocated minus freed on the current thread, so a
+/// current-thread test can measure what its server and client hold.
+struct CountingAlloc;
+
+thread_local! {
+    static NET_BYTES: Cell<isize> = const { Cell::new(0) };
+}
+
+fn add_net(delta: isize) {
+    let _ = NET_BYTES.try_with(|n| n.set(n.get() + delta));
+}
+
+// SAFETY: forwards every call to the system allocator unchanged.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        add_net(layout.size() as isize);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        add_net(layout.size() as isize);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        add_net(-(layout.size() as isize));
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        add_net(new_size as isize - layout.size() as isize);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+fn net_bytes() -> isize {
+    NET_BYTES.with(Cell::get)
+}
+
+/// Target: an idle, initialized SSE session costs the server at most 64 KiB.
+/// The server runs on this test's thread, the client on another, so the
+/// count is the server's alone.
+#[tokio::test(flavor = "current_thread")]
+async fn an_idle_sse_session_costs_the_server_less_than_64_kib() {
+    const SESSIONS: usize = 100;
+    let server = start(&["conformance"], "", false).await;
+
+    let (phase_tx, mut phase_rx) = tokio::sync::mpsc::unbounded_channel::<&str>();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let base = server.base.clone();
+    let client = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let http = Http::new(base);
+            // Warm up lazily allocated state on both sides.
+            let mut warm = http.sse_session().await;
+            warm.result("tools/list", json!({})).await;
+            phase_tx.send("warm").unwrap();
+            go_rx.await.unwrap();
+            let mut sessions = Vec::new();
+            for _ in 0..SESSIONS {
+                let mut session = http.sse_session().await;
+                session.result("ping", json!({})).await;
+                sessions.push(session);
+            }
+            phase_tx.send("open").unwrap();
+            let _ = done_rx.await;
+            drop(sessions);
+            drop(warm);
+        });
+    });
+
+    assert_eq!(phase_rx.recv().await, Some("warm"));
+    let before = net_bytes();
+    go_tx.send(()).unwrap();
+    assert_eq!(phase_rx.recv().await, Some("open"));
+    // Let the server's remaining work for these sessions run.
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    let per_session = (net_bytes() - before) / SESSIONS as isize;
+    eprintln!("an idle SSE session costs the server {per_session} bytes");
+    done_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || client.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        per_session <= 64 * 1024,
+        "{per_session} bytes per idle session"
+    );
+}
