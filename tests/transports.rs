@@ -1004,3 +1004,106 @@ async fn an_idle_sse_session_costs_the_server_less_than_64_kib() {
         "{per_session} bytes per idle session"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Protocol behaviour common to every transport
+
+#[tokio::test]
+async fn every_supported_revision_is_negotiated_as_asked() {
+    let server = start(&["conformance"], "", false).await;
+    for version in ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"] {
+        let reply = server
+            .send(mcp_post(&server), initialize_body(version))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{version}: {}", reply.body);
+        assert_eq!(
+            reply.json()["result"]["protocolVersion"],
+            version,
+            "{}",
+            reply.body
+        );
+    }
+    // An unknown revision gets the server's own (newest session) revision.
+    let reply = server
+        .send(mcp_post(&server), initialize_body("2024-01-01"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let offered = reply.json()["result"]["protocolVersion"].clone();
+    assert!(
+        offered.as_str().is_some_and(|v| v >= "2025-11-25"),
+        "{offered}"
+    );
+}
+
+#[tokio::test]
+async fn notifications_cancelled_stops_the_guest_and_frees_its_slot() {
+    // One instance slot: while the cancelled call held it, no other call
+    // could run, so the next call succeeding proves the slot was freed.
+    let server = start(
+        &["conformance"],
+        "[runtime.engine]\nmax_instances = 1\n[tools.conformance.limits]\ntimeout_ms = 60000\n",
+        false,
+    )
+    .await;
+    let mut session = server.open_sse().await;
+    session.initialize().await;
+    session
+        .send(json!({
+            "jsonrpc": "2.0", "id": 41, "method": "tools/call",
+            "params": {"name": "sleep_ms", "arguments": {"ms": 60000}}
+        }))
+        .await;
+    // Let the call start running in its instance.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cancelled_at = Instant::now();
+    session
+        .send(json!({
+            "jsonrpc": "2.0", "method": "notifications/cancelled",
+            "params": {"requestId": 41, "reason": "test"}
+        }))
+        .await;
+    // The slot is free again within the target: poll with a quick call.
+    loop {
+        let (_, response) = session
+            .call(
+                "tools/call",
+                json!({"name": "echo", "arguments": {"message": "next"}}),
+            )
+            .await;
+        let result = &response["result"];
+        if result["isError"] == json!(false) {
+            break;
+        }
+        assert!(
+            cancelled_at.elapsed() < Duration::from_secs(2),
+            "the slot was not freed: {response}"
+        );
+    }
+    let latency = cancelled_at.elapsed();
+    assert!(
+        latency < Duration::from_millis(100),
+        "cancellation took {latency:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_rpc_errors_and_the_session_survives() {
+    let server = start(&["text"], "", false).await;
+    let mut session = server.open_sse().await;
+    session.initialize().await;
+    let (_, unknown) = session.call("no/such/method", json!({})).await;
+    assert_eq!(unknown["error"]["code"], -32601, "{unknown}");
+    let (_, bad_params) = session.call("tools/call", json!({"name": 42})).await;
+    assert_eq!(bad_params["error"]["code"], -32602, "{bad_params}");
+    let (_, bad_args) = session
+        .call(
+            "tools/call",
+            json!({"name": "text_stats", "arguments": {"text": 5}}),
+        )
+        .await;
+    assert_eq!(bad_args["error"]["code"], -32602, "{bad_args}");
+    let (_, cursor) = session.call("tools/list", json!({"cursor": ""})).await;
+    assert_eq!(cursor["error"]["code"], -32602, "{cursor}");
+    let tools = session.result("tools/list", json!({})).await;
+    assert!(!tools["tools"].as_array().unwrap().is_empty());
+}

@@ -39,7 +39,7 @@ struct ConfigArg {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the tools over HTTP: Streamable HTTP (sessions and stateless
-    /// 2026-07-28) at /mcp.
+    /// 2026-07-28) at /mcp, classic HTTP+SSE at /sse + /messages.
     Serve {
         #[command(flatten)]
         config: ConfigArg,
@@ -343,7 +343,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         "authentication is not configured: every local caller acts as tenant `{}`",
         server.local_tenant
     );
-    tracing::info!(tools, %url, "serving MCP; press Ctrl-C to stop");
+    tracing::info!(tools, %url, "serving MCP (Streamable HTTP at /mcp, HTTP+SSE at /sse); press Ctrl-C to stop");
     eprintln!(
         "\nCordon is serving {tools} tool(s) at {url}\n\
          Client configuration (Cursor, VS Code, Claude Code):\n  \

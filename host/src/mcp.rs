@@ -9,10 +9,10 @@
 use std::sync::{Arc, Mutex};
 
 use rmcp::model::{
-    CacheScope, CallToolRequestParams, CallToolResponse, Implementation, ListToolsResult,
-    LoggingLevel, LoggingMessageNotificationParam, PaginatedRequestParams,
-    ProgressNotificationParam, ServerCapabilities, ServerConfig, SetLevelRequestParams,
-    SubscriptionFilter,
+    CacheScope, CallToolRequestParams, CallToolResponse, CustomRequest, CustomResult,
+    Implementation, ListToolsResult, LoggingLevel, LoggingMessageNotificationParam,
+    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig,
+    SetLevelRequestParams, SubscriptionFilter,
 };
 use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
@@ -221,6 +221,37 @@ impl ServerHandler for McpHandler {
                 Err(McpError::invalid_params(failure.to_string(), None))
             }
             Err(failure) => Ok(failure.to_tool_result().into()),
+        }
+    }
+
+    /// rmcp hands over, as a "custom" request, any request whose params do
+    /// not parse, including `tools/call` with a malformed body; JSON-RPC
+    /// says that is -32602 (invalid params), not -32601, for methods we serve.
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, McpError> {
+        const SERVED: &[&str] = &[
+            "initialize",
+            "ping",
+            "tools/list",
+            "tools/call",
+            "logging/setLevel",
+            "server/discover",
+            "subscriptions/listen",
+        ];
+        if SERVED.contains(&request.method.as_str()) {
+            Err(McpError::invalid_params(
+                format!("invalid params for {}", request.method),
+                None,
+            ))
+        } else {
+            Err(McpError::new(
+                rmcp::model::ErrorCode::METHOD_NOT_FOUND,
+                format!("method not found: {}", request.method),
+                None,
+            ))
         }
     }
 
