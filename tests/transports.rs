@@ -1107,3 +1107,95 @@ async fn bad_requests_get_json_rpc_errors_and_the_session_survives() {
     let tools = session.result("tools/list", json!({})).await;
     assert!(!tools["tools"].as_array().unwrap().is_empty());
 }
+
+// ---------------------------------------------------------------------------
+// Stateless 2026-07-28
+
+fn stateless(server: &Http, method: &str, name: Option<&str>) -> http::request::Builder {
+    let mut request = mcp_post(server)
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", method);
+    if let Some(name) = name {
+        request = request.header("mcp-name", name);
+    }
+    request
+}
+
+fn stateless_body(id: u32, method: &str, mut params: Value) -> String {
+    params["_meta"] = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "transports-test", "version": "0"},
+        "io.modelcontextprotocol/clientCapabilities": {}
+    });
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
+}
+
+#[tokio::test]
+async fn stateless_requests_need_no_session_and_headers_must_match() {
+    let server = start(&["text", "conformance"], "", false).await;
+
+    let reply = server
+        .send(
+            stateless(&server, "server/discover", None),
+            stateless_body(1, "server/discover", json!({})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let discovered = reply.json()["result"].clone();
+    assert!(
+        discovered["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("2026-07-28"))
+    );
+    assert_eq!(discovered["capabilities"]["tools"]["listChanged"], true);
+
+    let reply = server
+        .send(
+            stateless(&server, "tools/list", None),
+            stateless_body(2, "tools/list", json!({})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let listed = reply.json()["result"].clone();
+    assert_eq!(listed["resultType"], "complete");
+    assert_eq!(listed["cacheScope"], "private");
+    assert!(listed["ttlMs"].as_u64().is_some());
+    let names: Vec<&str> = listed["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted, "deterministic order");
+
+    let call = stateless_body(
+        3,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"message": "hi"}}),
+    );
+    let reply = server
+        .send(stateless(&server, "tools/call", Some("echo")), call.clone())
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.headers["content-type"], "application/json");
+    let result = reply.json()["result"].clone();
+    assert_eq!(result["resultType"], "complete");
+    assert_eq!(result["content"][0]["text"], "hi");
+    assert!(
+        !reply.headers.contains_key("mcp-session-id"),
+        "no session in stateless mode"
+    );
+
+    let reply = server
+        .send(stateless(&server, "tools/call", Some("other")), call)
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "Mcp-Name must match: {}",
+        reply.body
+    );
+}
