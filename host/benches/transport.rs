@@ -7,8 +7,10 @@
 //!    tool compiled into this benchmark (the ratio is the price of Cordon);
 //! 2. out-of-the-box latency of one client through Cordon's router with the
 //!    default `[server]` settings;
-//! 3. resident memory per idle Streamable HTTP session (10,000 sessions, each
-//!    initialized with its GET event stream held open).
+//! 3. resident memory per idle session: 10,000 sessions, each initialized
+//!    with its event stream held open, over Streamable HTTP (`GET /mcp`) and
+//!    classic HTTP+SSE (`GET /sse`), against 10,000 bare keep-alive
+//!    connections as the floor.
 //!
 //! Run: `cargo bench -p cordon --bench transport` (prints the figures that
 //! BENCHMARKS.md records).
@@ -71,10 +73,12 @@ const STATELESS_VERSION: &str = "2026-07-28";
 const SESSION_VERSION: &str = "2025-11-25";
 
 const MESSAGE: &str = "hello from the transport bench";
-/// A stateless 2026-07-28 `tools/call`: the protocol version, client info and
-/// client capabilities travel in `_meta` (the version also in the
-/// `MCP-Protocol-Version` header, the method and tool in `Mcp-Method` and
-/// `Mcp-Name`).
+/// A stateless 2026-07-28 `tools/call`. rmcp 3.11 serves a request
+/// statelessly when its `_meta` has both `io.modelcontextprotocol/protocolVersion`
+/// and `io.modelcontextprotocol/clientCapabilities` (`clientInfo` is
+/// optional); it then also requires the `MCP-Protocol-Version` header (equal
+/// to the `_meta` version), `Mcp-Method` and, for `tools/call`, `Mcp-Name`,
+/// besides `Accept: application/json, text/event-stream` on every POST.
 const STATELESS_CALL: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello from the transport bench"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{}}}}"#;
 const SESSION_CALL: &str = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello from the transport bench"}}}"#;
 const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"}}}"#;
@@ -841,7 +845,7 @@ fn main() -> anyhow::Result<()> {
         let f = idle_sessions(&clients_rt, server, idle)?;
         let per_session = (f.after_kib as f64 - f.before_kib as f64) / f.opened as f64;
         println!(
-            "   {label:<30} server RSS {:>6.1} -> {:>6.1} MiB: {per_session:>5.1} KiB per session   \
+            "   {label:<31} server RSS {:>6.1} -> {:>6.1} MiB: {per_session:>5.1} KiB per session   \
              (+{} fds; opened in {:.1} s; client side, in this process: {:.1} KiB per session)",
             f.before_kib as f64 / 1024.0,
             f.after_kib as f64 / 1024.0,
