@@ -14,18 +14,16 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Sandbox, guest, shared_cache_dir, workspace_root};
+use common::{Sandbox, ServeProcess, guest, shared_cache_dir, workspace_root};
 
 /// Long calls must not hit the default timeout while the suite runs.
 const CONFIG_EXTRA: &str = "[tools.conformance.limits]\ntimeout_ms = 60000\n";
 /// How long the server may take to start (it may compile the component).
-const START_DEADLINE: Duration = Duration::from_secs(120);
 /// How long the whole suite may run (it takes a few seconds).
 const SUITE_DEADLINE: Duration = Duration::from_secs(300);
 /// How much of the server's stderr a failure shows.
@@ -118,12 +116,15 @@ fn expected_failures() -> BTreeSet<String> {
 
 /// A running `cordon serve` on the conformance tool, killed when dropped.
 struct Server {
-    child: Child,
-    /// The Streamable HTTP endpoint, `http://127.0.0.1:PORT/mcp`.
-    url: String,
-    /// Everything the server wrote to stderr so far.
-    log: Arc<Mutex<String>>,
+    process: ServeProcess,
     dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Server {
+    type Target = ServeProcess;
+    fn deref(&self) -> &ServeProcess {
+        &self.process
+    }
 }
 
 impl Server {
@@ -138,71 +139,17 @@ impl Server {
             Sandbox::config_text(&shared_cache_dir(), CONFIG_EXTRA),
         )
         .unwrap();
-
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cordon"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .args(["--listen", "127.0.0.1:0"])
-            // Warnings are what explains a failure (e.g. a rejected Origin).
-            .env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting cordon serve");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        {
-            let log = log.clone();
-            // Reads stderr to the end (so the server never blocks on a full
-            // pipe) and reports the URL from the banner.
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some((_, rest)) = line.split_once("Cordon is serving ")
-                        && let Some((_, url)) = rest.split_once(" at ")
-                    {
-                        let _ = tx.send(url.trim().to_owned());
-                    }
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            });
-        }
-        let mut server = Server {
-            child,
-            url: String::new(),
-            log,
-            dir,
-        };
-        match rx.recv_timeout(START_DEADLINE) {
-            Ok(url) => server.url = url,
-            Err(_) => panic!(
-                "cordon serve printed no URL (exit: {:?}); its stderr:\n{}",
-                server.child.try_wait(),
-                server.log()
-            ),
-        }
-        server
+        // Warnings are what explains a failure (e.g. a rejected Origin).
+        let process = ServeProcess::start(&config, &[("RUST_LOG", "warn"), ("NO_COLOR", "1")]);
+        Server { process, dir }
     }
 
     /// The last lines the server wrote to stderr.
     fn log(&self) -> String {
-        let log = self.log.lock().unwrap();
+        let log = self.process.log();
         let lines: Vec<&str> = log.lines().collect();
         let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
         strip_ansi(&tail.join("\n"))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

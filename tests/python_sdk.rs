@@ -9,13 +9,11 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use common::{Sandbox, guest, shared_cache_dir, workspace_root};
+use common::{Sandbox, ServeProcess, guest, shared_cache_dir, workspace_root};
 
 /// The conformance tool's calls may run long here (`sleep_ms` 30 s).
 const CONFIG_EXTRA: &str = "[tools.conformance.limits]\ntimeout_ms = 60000\n";
@@ -23,8 +21,6 @@ const CONFIG_EXTRA: &str = "[tools.conformance.limits]\ntimeout_ms = 60000\n";
 const LONG_MS: u64 = 30_000;
 /// How long one client run may take before it is killed.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(120);
-/// How long the server may take to start (it may compile the components).
-const START_DEADLINE: Duration = Duration::from_secs(120);
 
 /// The venv's interpreter; fails (never skips) when it is missing.
 fn python() -> PathBuf {
@@ -61,69 +57,28 @@ fn config_path(dir: &Path) -> PathBuf {
     dir.join("cordon.toml")
 }
 
-/// A running `cordon serve`, killed when dropped.
+/// A running `cordon serve` on the example tools, killed when dropped.
 struct Server {
-    child: Child,
+    process: ServeProcess,
     /// `http://127.0.0.1:PORT` (no path).
     base: String,
-    /// Everything the server wrote to stderr so far.
-    log: Arc<Mutex<String>>,
     _dir: tempfile::TempDir,
 }
 
 impl Server {
     fn start() -> Server {
         let dir = setup();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cordon"))
-            .arg("serve")
-            .arg("--config")
-            .arg(config_path(dir.path()))
-            .args(["--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting cordon serve");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        {
-            let log = log.clone();
-            // Reads stderr to the end (so the server never blocks on a full
-            // pipe) and reports the URL from the banner.
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if let Some((_, url)) = line.split_once("Cordon is serving ")
-                        && let Some((_, url)) = url.split_once(" at ")
-                    {
-                        let _ = tx.send(url.trim().to_owned());
-                    }
-                    let mut log = log.lock().unwrap();
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            });
-        }
-        let mut server = Server {
-            child,
-            base: String::new(),
-            log,
-            _dir: dir,
-        };
-        let url = match rx.recv_timeout(START_DEADLINE) {
-            Ok(url) => url,
-            Err(_) => panic!(
-                "cordon serve printed no URL (exit: {:?}); its stderr:\n{}",
-                server.child.try_wait(),
-                server.log()
-            ),
-        };
-        server.base = url
+        let process = ServeProcess::start(&config_path(dir.path()), &[]);
+        let base = process
+            .url
             .strip_suffix("/mcp")
-            .unwrap_or_else(|| panic!("unexpected URL in the banner: {url}"))
+            .unwrap_or_else(|| panic!("unexpected URL in the banner: {}", process.url))
             .to_owned();
-        server
+        Server {
+            process,
+            base,
+            _dir: dir,
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -131,14 +86,7 @@ impl Server {
     }
 
     fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.log()
     }
 }
 

@@ -44,8 +44,7 @@ use rmcp::model::{
     PaginatedRequestParams, ServerCapabilities, Tool,
 };
 use rmcp::service::RequestContext;
-use rmcp::transport::streamable_http_server::session::local::{LocalSessionManager, SessionConfig};
-use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::transport::streamable_http_server::StreamableHttpService;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use tokio_util::sync::CancellationToken;
 
@@ -140,22 +139,8 @@ fn native_router(
     config: &cordon::config::ServerConfig,
     shutdown: CancellationToken,
 ) -> axum::Router {
-    let mut session_config = SessionConfig::default();
-    session_config.keep_alive = Some(Duration::from_secs(config.session_idle_secs));
-    let mut sessions = LocalSessionManager::default();
-    sessions.session_config = session_config;
-    let mut http_config = StreamableHttpServerConfig::default()
-        .with_sse_keep_alive(Some(Duration::from_secs(config.keep_alive_secs)))
-        .with_legacy_session_mode(true)
-        .with_json_response(true)
-        .with_cancellation_token(shutdown.child_token())
-        .with_max_request_body_bytes(config.max_body_bytes)
-        .with_allowed_hosts(config.allowed_hosts.clone())
-        .with_allowed_origins(config.allowed_origins.clone());
-    if config.allowed_origins.is_empty() {
-        http_config = http_config.enforce_origin_validation();
-    }
-    let service = StreamableHttpService::new(|| Ok(NullTool), Arc::new(sessions), http_config);
+    let (http_config, sessions) = cordon::server::streamable_http_settings(config, &shutdown);
+    let service = StreamableHttpService::new(|| Ok(NullTool), sessions, http_config);
     axum::Router::new().route_service(cordon::server::MCP_PATH, service)
 }
 

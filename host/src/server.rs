@@ -35,23 +35,7 @@ pub fn router(
         let dispatcher = dispatcher.clone();
         move || Ok(McpHandler::new(dispatcher.clone(), fallback.clone()))
     };
-    let mut session_config = SessionConfig::default();
-    session_config.keep_alive = Some(Duration::from_secs(config.session_idle_secs));
-    let mut sessions = LocalSessionManager::default();
-    sessions.session_config = session_config;
-    let sessions = Arc::new(sessions);
-    let mut http_config = StreamableHttpServerConfig::default()
-        .with_sse_keep_alive(Some(Duration::from_secs(config.keep_alive_secs)))
-        .with_legacy_session_mode(true)
-        .with_json_response(true)
-        .with_cancellation_token(shutdown.child_token())
-        .with_max_request_body_bytes(config.max_body_bytes)
-        .with_allowed_hosts(config.allowed_hosts.clone())
-        .with_allowed_origins(config.allowed_origins.clone());
-    // An empty allow-list means "no browser origin at all", not "any".
-    if config.allowed_origins.is_empty() {
-        http_config = http_config.enforce_origin_validation();
-    }
+    let (http_config, sessions) = streamable_http_settings(config, &shutdown);
     let streamable = StreamableHttpService::new(factory, sessions.clone(), http_config);
     let sse = SseTransport::new(dispatcher, config, shutdown.child_token());
     let session_cap = SessionCap {
@@ -68,6 +52,31 @@ pub fn router(
             limit_sessions,
         ))
         .route("/healthz", get(|| async { "ok" }))
+}
+
+/// The Streamable HTTP settings of `/mcp` and its session manager. Public so
+/// that a benchmark can serve a native handler over exactly the same transport.
+pub fn streamable_http_settings(
+    config: &ServerConfig,
+    shutdown: &CancellationToken,
+) -> (StreamableHttpServerConfig, Arc<LocalSessionManager>) {
+    let mut session_config = SessionConfig::default();
+    session_config.keep_alive = Some(Duration::from_secs(config.session_idle_secs));
+    let mut sessions = LocalSessionManager::default();
+    sessions.session_config = session_config;
+    let mut http_config = StreamableHttpServerConfig::default()
+        .with_sse_keep_alive(Some(Duration::from_secs(config.keep_alive_secs)))
+        .with_legacy_session_mode(true)
+        .with_json_response(true)
+        .with_cancellation_token(shutdown.child_token())
+        .with_max_request_body_bytes(config.max_body_bytes)
+        .with_allowed_hosts(config.allowed_hosts.clone())
+        .with_allowed_origins(config.allowed_origins.clone());
+    // An empty allow-list means "no browser origin at all", not "any".
+    if config.allowed_origins.is_empty() {
+        http_config = http_config.enforce_origin_validation();
+    }
+    (http_config, Arc::new(sessions))
 }
 
 /// Refuses to open a session beyond the cap (rmcp's session manager has no

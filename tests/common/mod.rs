@@ -184,3 +184,77 @@ pub fn text(result: &CallToolResult) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// `cordon serve --config CONFIG --listen 127.0.0.1:0` as a child process,
+/// killed when dropped. Its stderr is collected (so it never blocks on a
+/// full pipe) and the URL is read from its start-up banner.
+pub struct ServeProcess {
+    child: std::process::Child,
+    /// The Streamable HTTP endpoint, `http://127.0.0.1:PORT/mcp`.
+    pub url: String,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ServeProcess {
+    /// Starts the server with `env` added to its environment; panics with its
+    /// stderr if it prints no URL within two minutes.
+    pub fn start(config: &Path, env: &[(&str, &str)]) -> ServeProcess {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cordon"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .args(["--listen", "127.0.0.1:0"])
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting cordon serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some((_, rest)) = line.split_once("Cordon is serving ")
+                    && let Some((_, url)) = rest.split_once(" at ")
+                {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut server = ServeProcess {
+            child,
+            url: String::new(),
+            log,
+        };
+        match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(url) => server.url = url,
+            Err(_) => panic!(
+                "cordon serve printed no URL (exit: {:?}); its stderr:\n{}",
+                server.child.try_wait(),
+                server.log()
+            ),
+        }
+        server
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
