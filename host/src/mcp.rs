@@ -100,6 +100,45 @@ fn to_mcp_level(level: LogLevel) -> LoggingLevel {
     }
 }
 
+/// Sends a call's guest events to the client as MCP notifications, until the
+/// call drops its sink or the client goes away.
+async fn forward_events(
+    mut events: mpsc::UnboundedReceiver<CallEvent>,
+    peer: rmcp::Peer<RoleServer>,
+    progress_token: Option<rmcp::model::ProgressToken>,
+) {
+    while let Some(event) = events.recv().await {
+        let sent = match event {
+            CallEvent::Progress {
+                progress,
+                total,
+                message,
+            } => {
+                let Some(token) = progress_token.clone() else {
+                    continue;
+                };
+                let mut param = ProgressNotificationParam::new(token, progress);
+                param.total = total;
+                param.message = message;
+                peer.notify_progress(param).await
+            }
+            CallEvent::Log {
+                level,
+                logger,
+                data,
+            } => {
+                let mut param = LoggingMessageNotificationParam::new(to_mcp_level(level), data);
+                param.logger = logger;
+                peer.notify_logging_message(param).await
+            }
+        };
+        if sent.is_err() {
+            // The client is gone; the call will be cancelled with it.
+            break;
+        }
+    }
+}
+
 impl ServerHandler for McpHandler {
     fn get_info(&self) -> ServerConfig {
         let capabilities = ServerCapabilities::builder()
@@ -158,43 +197,15 @@ impl ServerHandler for McpHandler {
             .map(from_mcp_level)
             .or_else(|| self.session_log_level());
 
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let events = EventSink::new(tx, log_level, progress_token.is_some());
-        let peer = context.peer.clone();
-        // Forward guest events as they come; it ends when the call drops its sink.
-        let forwarder = tokio::spawn(async move {
-            while let Some(event) = rx.recv().await {
-                let sent = match event {
-                    CallEvent::Progress {
-                        progress,
-                        total,
-                        message,
-                    } => {
-                        let Some(token) = progress_token.clone() else {
-                            continue;
-                        };
-                        let mut param = ProgressNotificationParam::new(token, progress);
-                        param.total = total;
-                        param.message = message;
-                        peer.notify_progress(param).await
-                    }
-                    CallEvent::Log {
-                        level,
-                        logger,
-                        data,
-                    } => {
-                        let mut param =
-                            LoggingMessageNotificationParam::new(to_mcp_level(level), data);
-                        param.logger = logger;
-                        peer.notify_logging_message(param).await
-                    }
-                };
-                if sent.is_err() {
-                    // The client is gone; the call will be cancelled with it.
-                    break;
-                }
-            }
-        });
+        // Most calls want no events: then there is no channel and no task.
+        let (events, forwarder) = if progress_token.is_some() || log_level.is_some() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let sink = EventSink::new(tx, log_level, progress_token.is_some());
+            let forwarder = tokio::spawn(forward_events(rx, context.peer.clone(), progress_token));
+            (sink, Some(forwarder))
+        } else {
+            (EventSink::discard(), None)
+        };
 
         let arguments = request
             .arguments
@@ -213,7 +224,9 @@ impl ServerHandler for McpHandler {
             )
             .await;
         // Deliver every notification before the response.
-        let _ = forwarder.await;
+        if let Some(forwarder) = forwarder {
+            let _ = forwarder.await;
+        }
 
         match outcome.result {
             Ok(result) => Ok(result.into()),
