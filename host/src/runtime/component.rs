@@ -250,22 +250,12 @@ impl ToolComponent {
         &self.pre
     }
 
-    /// Checks a result against the tool's output schema and the size limit.
+    /// Checks a result against the tool's output schema.
     pub(crate) fn check_output(
         &self,
         tool: &str,
         result: CallToolResult,
-        max_bytes: u64,
     ) -> Result<CallToolResult, CallFailure> {
-        let size = serde_json::to_vec(&result)
-            .map(|v| v.len() as u64)
-            .unwrap_or(u64::MAX);
-        if size > max_bytes {
-            return Err(CallFailure::OutputTooLarge {
-                size,
-                limit: max_bytes,
-            });
-        }
         let Some(info) = self.tools.iter().find(|t| t.tool.name == tool) else {
             return Ok(result);
         };

@@ -17,7 +17,8 @@ pub struct Limits {
     /// Fuel budget (roughly, wasm instructions). `None` = not metered.
     /// Needs `runtime.fuel = true`, which costs some speed on every call.
     pub fuel: Option<u64>,
-    /// Largest result (content plus structured output, as MCP JSON) in bytes.
+    /// Largest result payload in bytes: text, binary data as base64, URIs
+    /// and names, structured output as JSON (JSON escaping not counted).
     pub max_output_bytes: u64,
     /// Bytes of stdout and of stderr kept per call; writes beyond fail.
     pub max_stdio_bytes: u64,

@@ -243,8 +243,9 @@ impl Runtime {
                 stats.execute = ended - instantiated;
                 match result {
                     Err(e) => Err(self.classify_trap(&store, &limits, &stdio, e, false)),
-                    Ok(Ok(result)) => output::to_mcp(result)
-                        .and_then(|r| component.check_output(name, r, limits.max_output_bytes)),
+                    Ok(Ok(result)) => output::check_size(&result, limits.max_output_bytes)
+                        .and_then(|()| output::to_mcp(result))
+                        .and_then(|r| component.check_output(name, r)),
                     Ok(Err(bindings::types::CallError::UnknownTool(n))) => {
                         Err(CallFailure::UnknownTool(n))
                     }

@@ -33,7 +33,7 @@ pub enum CallFailure {
     /// The result was larger than the output limit.
     #[error("tool result of {size} bytes exceeds the output limit of {limit} bytes")]
     OutputTooLarge {
-        /// Size of the result as MCP JSON.
+        /// Size of the result's payload (see `max_output_bytes`).
         size: u64,
         /// The limit.
         limit: u64,
@@ -88,6 +88,42 @@ impl CallFailure {
     pub fn to_tool_result(&self) -> CallToolResult {
         CallToolResult::error(vec![ContentBlock::text(self.to_string())])
     }
+}
+
+/// Refuses a result whose payload exceeds `limit` bytes, before any of it is
+/// converted or encoded. The payload is what the client receives: text,
+/// binary data as base64, URIs and names, structured content as JSON. JSON
+/// escaping and framing are not counted, so the check costs nothing per call
+/// instead of a second serialisation of every result.
+pub(crate) fn check_size(result: &types::CallResult, limit: u64) -> Result<(), CallFailure> {
+    let base64 = |bytes: usize| bytes.div_ceil(3) * 4;
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let content: usize = result
+        .content
+        .iter()
+        .map(|c| match c {
+            types::Content::Text(text) => text.len(),
+            types::Content::Image(m) | types::Content::Audio(m) => {
+                base64(m.data.len()) + m.mime_type.len()
+            }
+            types::Content::Resource(r) => {
+                r.uri.len()
+                    + opt(&r.mime_type)
+                    + match &r.contents {
+                        types::ResourceContents::Text(text) => text.len(),
+                        types::ResourceContents::Blob(bytes) => base64(bytes.len()),
+                    }
+            }
+            types::Content::ResourceLink(l) => {
+                l.uri.len() + l.name.len() + opt(&l.title) + opt(&l.description) + opt(&l.mime_type)
+            }
+        })
+        .sum();
+    let size = (content + opt(&result.structured_content)) as u64;
+    if size > limit {
+        return Err(CallFailure::OutputTooLarge { size, limit });
+    }
+    Ok(())
 }
 
 /// Converts the guest's result into MCP's model (binary data base64-encoded).
