@@ -129,6 +129,7 @@ async fn replacing_a_wasm_while_calls_run_swaps_the_tool_list_without_failing_a_
                             arguments: args,
                             events: cordon::runtime::EventSink::discard(),
                             cancel: Default::default(),
+                            origin: Default::default(),
                         },
                     )
                     .await;

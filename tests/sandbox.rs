@@ -281,6 +281,7 @@ async fn cancellation_stops_a_running_guest_promptly() {
             arguments: json!({}),
             events: cordon::runtime::EventSink::discard(),
             cancel: cancel.clone(),
+            origin: Default::default(),
         },
     );
     let canceller = async {

@@ -11,19 +11,14 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
+use common::http::{Http, Reply, WAIT, initialize_body, mcp_post, stateless, stateless_body};
 use common::{Sandbox, guest, shared_cache_dir};
 use cordon::app::App;
 use cordon::config::Config;
 use futures::{Stream, StreamExt as _};
-use http::{HeaderMap, Method, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
-
-/// How long any single expected event may take.
-const WAIT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
 // Harness
@@ -40,21 +35,6 @@ impl std::ops::Deref for TestServer {
     type Target = Http;
     fn deref(&self) -> &Http {
         &self.http
-    }
-}
-
-/// An HTTP client of one server.
-struct Http {
-    base: String,
-    client: Client<HttpConnector, String>,
-}
-
-impl Http {
-    fn new(base: String) -> Http {
-        Http {
-            base,
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        }
     }
 }
 
@@ -90,13 +70,17 @@ async fn start_wrapped(
     }
     let config = Config::parse(&text, "test", dir.path().to_owned()).unwrap();
     let server_config = config.server.clone();
+    let server_auth = config.auth.clone();
     let app = App::open(config, watch).await.unwrap();
     let problems = app.dispatcher.registry().snapshot().problems().to_vec();
     assert!(problems.is_empty(), "load problems: {problems:?}");
 
     let shutdown = CancellationToken::new();
+    let authenticator =
+        std::sync::Arc::new(cordon::auth::Authenticator::new(&server_auth, dir.path()).unwrap());
     let router = wrap(cordon::server::router(
         app.dispatcher.clone(),
+        authenticator,
         &server_config,
         shutdown.clone(),
     ));
@@ -111,64 +95,7 @@ async fn start_wrapped(
     }
 }
 
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Reply {
-    /// The JSON body, or the last JSON message of an event-stream body
-    /// (rmcp answers session requests on `/mcp` as a short event stream).
-    fn json(&self) -> Value {
-        if let Ok(value) = serde_json::from_str(&self.body) {
-            return value;
-        }
-        self.body
-            .lines()
-            .rev()
-            .filter_map(|line| line.strip_prefix("data:"))
-            .find_map(|data| serde_json::from_str(data.trim()).ok())
-            .unwrap_or_else(|| panic!("no JSON in: {}", self.body))
-    }
-}
-
 impl Http {
-    fn request(&self, method: Method, path: &str) -> http::request::Builder {
-        http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-    }
-
-    async fn send(&self, request: http::request::Builder, body: impl Into<String>) -> Reply {
-        let response = tokio::time::timeout(
-            WAIT,
-            self.client.request(request.body(body.into()).unwrap()),
-        )
-        .await
-        .expect("the server did not answer in time")
-        .unwrap();
-        let (parts, body) = response.into_parts();
-        let body = axum::body::to_bytes(Body::new(body), usize::MAX)
-            .await
-            .unwrap();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: String::from_utf8(body.to_vec()).unwrap(),
-        }
-    }
-
-    /// POSTs `body` as JSON to `path`.
-    async fn post_json(&self, path: &str, body: impl Into<String>) -> Reply {
-        self.send(
-            self.request(Method::POST, path)
-                .header("content-type", "application/json"),
-            body,
-        )
-        .await
-    }
-
     /// Opens `GET /sse` with extra `headers`; returns the status and, on
     /// success, the event stream.
     async fn get_sse(&self, headers: &[(&str, &str)]) -> (StatusCode, Option<EventStream>) {
@@ -389,26 +316,6 @@ impl SseSession<'_> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-}
-
-fn initialize_body(version: &str) -> String {
-    json!({
-        "jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {
-            "protocolVersion": version,
-            "capabilities": {},
-            "clientInfo": {"name": "transports-test", "version": "0"}
-        }
-    })
-    .to_string()
-}
-
-/// A POST to `/mcp` with the headers Streamable HTTP requires.
-fn mcp_post(server: &Http) -> http::request::Builder {
-    server
-        .request(Method::POST, "/mcp")
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
 }
 
 // ---------------------------------------------------------------------------
@@ -954,7 +861,7 @@ fn net_bytes() -> isize {
 #[tokio::test(flavor = "current_thread")]
 async fn an_idle_sse_session_costs_the_server_less_than_64_kib() {
     const SESSIONS: usize = 100;
-    let server = start(&["conformance"], "", false).await;
+    let server = start(&["conformance"], "[audit]\nenabled = false\n", false).await;
 
     let (phase_tx, mut phase_rx) = tokio::sync::mpsc::unbounded_channel::<&str>();
     let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
@@ -1110,25 +1017,6 @@ async fn bad_requests_get_json_rpc_errors_and_the_session_survives() {
 
 // ---------------------------------------------------------------------------
 // Stateless 2026-07-28
-
-fn stateless(server: &Http, method: &str, name: Option<&str>) -> http::request::Builder {
-    let mut request = mcp_post(server)
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", method);
-    if let Some(name) = name {
-        request = request.header("mcp-name", name);
-    }
-    request
-}
-
-fn stateless_body(id: u32, method: &str, mut params: Value) -> String {
-    params["_meta"] = json!({
-        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-        "io.modelcontextprotocol/clientInfo": {"name": "transports-test", "version": "0"},
-        "io.modelcontextprotocol/clientCapabilities": {}
-    });
-    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
-}
 
 #[tokio::test]
 async fn stateless_requests_need_no_session_and_headers_must_match() {

@@ -38,7 +38,8 @@
 //! Returning [`Structured<T>`] also declares an output schema derived from `T`.
 //!
 //! Host services: [`log`] (MCP log messages), [`progress()`] (MCP progress
-//! notifications) and [`config`] (operator-granted configuration values).
+//! notifications), [`config`] (operator-granted configuration values) and
+//! [`db`] (operator-granted, read-only database handles).
 //!
 //! Natively (any target but `wasm32`), the host imports are replaced by
 //! stand-ins so tools can be unit-tested with `cargo test`: log messages go to
@@ -68,6 +69,7 @@ pub mod bindings {
 extern crate self as cordon_guest;
 
 pub mod config;
+pub mod db;
 mod error;
 pub mod log;
 mod output;
@@ -111,6 +113,7 @@ pub fn progress(progress: f64, total: Option<f64>, message: Option<&str>) {
 /// Everything a tool crate usually needs: `use cordon_guest::prelude::*;`.
 pub mod prelude {
     pub use crate::config;
+    pub use crate::db;
     pub use crate::log;
     pub use crate::{
         Content, Context, NoArgs, Output, ResourceLink, Structured, Tool, ToolError, ToolResult,

@@ -96,6 +96,7 @@ async fn single_call() {
             arguments: serde_json::json!({}),
             events: EventSink::discard(),
             cancel: Default::default(),
+            origin: Default::default(),
         };
         let started = Instant::now();
         let outcome = sandbox.app.dispatcher.call(&principal, request).await;

@@ -12,8 +12,12 @@
 //!    classic HTTP+SSE (`GET /sse`), against 10,000 bare keep-alive
 //!    connections as the floor.
 //!
+//! 4. the price of tenancy: `tools/call` throughput with authentication (an
+//!    HS256 JWT on every request) + RBAC + audit (batched group commit)
+//!    against all three off, and with audit durability `always`.
+//!
 //! Run: `cargo bench -p cordon --bench transport` (prints the figures that
-//! BENCHMARKS.md records).
+//! BENCHMARKS.md records); `-- tenancy` runs section 4 alone.
 //!
 //! In 1 and 2 the servers run on one tokio runtime and the load driver on
 //! another, in this process (two worker threads each, like two processes
@@ -213,8 +217,16 @@ fn check_reply(status: http::StatusCode, body: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The bearer token every request carries. Servers with authentication off
+/// never look at it; the tenancy servers verify it on every request.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn post(uri: &http::Uri) -> http::request::Builder {
     http::Request::post(uri.clone())
+        .header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", TOKEN.get().map_or("", String::as_str)),
+        )
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::ACCEPT, "application/json, text/event-stream")
 }
@@ -624,6 +636,18 @@ impl Drop for ServerChild {
     }
 }
 
+/// Authentication off, as in the sandbox configs: this bench measures the
+/// transports (`benches/tenancy.rs` measures authentication).
+fn no_auth() -> std::sync::Arc<cordon::auth::Authenticator> {
+    let config = cordon::auth::AuthConfig {
+        mode: cordon::auth::AuthMode::None,
+        ..Default::default()
+    };
+    std::sync::Arc::new(
+        cordon::auth::Authenticator::new(&config, std::path::Path::new(".")).unwrap(),
+    )
+}
+
 /// The child: serves until its stdin closes.
 fn server_child(role: &str) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -634,9 +658,10 @@ fn server_child(role: &str) -> anyhow::Result<()> {
     let (addr, _sandbox) = rt.block_on(async {
         let (router, sandbox) = match role {
             "server-cordon" => {
-                let sandbox = common::Sandbox::new(&["conformance"], "").await;
+                let sandbox = common::Sandbox::new(&["conformance"], NO_TENANCY).await;
                 let router = cordon::server::router(
                     sandbox.app.dispatcher.clone(),
+                    no_auth(),
                     &config,
                     shutdown.clone(),
                 );
@@ -766,19 +791,22 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
 
+    if std::env::args().any(|a| a == "tenancy") {
+        return tenancy(&servers_rt, &clients_rt);
+    }
     let shutdown = CancellationToken::new();
     let config = bench_config();
-    let sandbox = servers_rt.block_on(common::Sandbox::new(&["conformance"], ""));
+    let sandbox = servers_rt.block_on(common::Sandbox::new(&["conformance"], NO_TENANCY));
     let (wasm, native, default) = servers_rt.block_on(async {
         let dispatcher = sandbox.app.dispatcher.clone();
         let wasm = start(
-            cordon::server::router(dispatcher.clone(), &config, shutdown.clone()),
+            cordon::server::router(dispatcher.clone(), no_auth(), &config, shutdown.clone()),
             shutdown.clone(),
         )
         .await?;
         let native = start(native_router(&config, shutdown.clone()), shutdown.clone()).await?;
         let default = start(
-            cordon::server::router(dispatcher, &Default::default(), shutdown.clone()),
+            cordon::server::router(dispatcher, no_auth(), &Default::default(), shutdown.clone()),
             shutdown.clone(),
         )
         .await?;
@@ -840,5 +868,113 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!("   target: ≤ 64 KiB per session");
+    tenancy(&servers_rt, &clients_rt)
+}
+
+/// Authentication off (the sandbox default), no tenants, no audit log.
+const NO_TENANCY: &str = "[audit]\nenabled = false\n";
+
+/// Section 4: the same `echo` calls through three servers: no tenancy at
+/// all; JWT + RBAC + batched audit; JWT + RBAC + audit with `always`.
+fn tenancy(
+    servers_rt: &tokio::runtime::Runtime,
+    clients_rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    const CLIENTS: usize = 16;
+    let secret = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        secret.path(),
+        "bench-secret-0123456789abcdef0123456789abcdef",
+    )?;
+    let tenancy = |durability: &str| {
+        format!(
+            "[auth]\nissuer = \"bench\"\naudience = [\"cordon\"]\n\
+             [[auth.jwt_keys]]\nkid = \"bench\"\nalgorithms = [\"HS256\"]\nsecret_file = {:?}\n\
+             [roles.caller]\nallow = [\"echo\", \"test_*\"]\ndeny = [\"test_error_*\"]\n\
+             [tenants.bench]\n[tenants.other]\n\
+             [audit]\npath = \"audit.jsonl\"\ndurability = \"{durability}\"\nbatch_ms = 50\n",
+            secret.path()
+        )
+    };
+    let shutdown = CancellationToken::new();
+    let config = bench_config();
+    let off = servers_rt.block_on(common::Sandbox::new(&["conformance"], NO_TENANCY));
+    let batched = servers_rt.block_on(common::Sandbox::new(&["conformance"], &tenancy("batched")));
+    let always = servers_rt.block_on(common::Sandbox::new(&["conformance"], &tenancy("always")));
+    let authenticator = |sandbox: &common::Sandbox| {
+        let settings = sandbox.app.dispatcher.settings();
+        Arc::new(
+            cordon::auth::Authenticator::new(&settings.config.auth, &settings.config.base_dir)
+                .expect("bench keys load"),
+        )
+    };
+    let token = authenticator(&batched).issue(
+        &cordon::dispatch::Principal {
+            tenant: "bench".into(),
+            subject: "bench".into(),
+            roles: vec!["caller".into()],
+        },
+        Duration::from_secs(3600),
+        None,
+    )?;
+    let _ = TOKEN.set(token);
+    let addrs = servers_rt.block_on(async {
+        let mut addrs = Vec::new();
+        for (sandbox, auth) in [
+            (&off, no_auth()),
+            (&batched, authenticator(&batched)),
+            (&always, authenticator(&always)),
+        ] {
+            let router = cordon::server::router(
+                sandbox.app.dispatcher.clone(),
+                auth,
+                &config,
+                shutdown.clone(),
+            );
+            addrs.push(start(router, shutdown.clone()).await?);
+        }
+        anyhow::Ok(addrs)
+    })?;
+    println!(
+        "\n4. tenancy: tools/call `echo`, stateless {STATELESS_VERSION}, {CLIENTS} clients, {} s measured per run, median of {ROUNDS} runs",
+        MEASURE.as_secs()
+    );
+    let labels = [
+        "all off",
+        "auth+rbac+audit batched",
+        "auth+rbac+audit always",
+    ];
+    let mut rates = vec![Vec::new(); 3];
+    let mut samples = vec![Vec::new(); 3];
+    for round in 0..ROUNDS {
+        // Rotate the order so that drift hurts every server alike.
+        for k in 0..3 {
+            let i = (round + k) % 3;
+            let run = clients_rt.block_on(load(mcp_uri(addrs[i]), CLIENTS))?;
+            rates[i].push(run.len() as f64 / MEASURE.as_secs_f64());
+            samples[i].extend(run);
+        }
+    }
+    let figures: Vec<LoadFigures> = rates
+        .into_iter()
+        .zip(samples)
+        .map(|(rates, samples)| LoadFigures {
+            rates,
+            samples: Samples::new(samples),
+        })
+        .collect();
+    for (label, f) in labels.iter().zip(&figures) {
+        println!("   {}", f.line(label));
+    }
+    let base = figures[0].median_rate();
+    println!(
+        "   cost of auth+rbac+audit (batched): {:.1} %   (target ≤ 10 %)",
+        (1.0 - figures[1].median_rate() / base) * 100.0
+    );
+    println!(
+        "   cost with audit durability `always`: {:.1} %",
+        (1.0 - figures[2].median_rate() / base) * 100.0
+    );
+    shutdown.cancel();
     Ok(())
 }

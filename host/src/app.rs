@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
+use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::runtime::{CompileCache, RegistryHandle, Runtime, WatchGuard};
@@ -26,7 +27,9 @@ impl App {
     /// Loads every tool; watches the tools directory when the config says so
     /// and `allow_watch` is true (one-shot CLI commands pass false).
     pub async fn open(config: Config, allow_watch: bool) -> anyhow::Result<App> {
-        let runtime = Arc::new(Runtime::new(config.engine_settings())?);
+        let databases = crate::db::Databases::open(&config.databases, &config.base_dir)?;
+        let runtime =
+            Arc::new(Runtime::new(config.engine_settings())?.with_databases(Arc::new(databases)));
         let cache = CompileCache::new(runtime.engine(), config.cache_dir()).with_context(|| {
             format!(
                 "cannot create the compile cache directory {:?} (runtime.cache_dir)",
@@ -44,9 +47,55 @@ impl App {
         } else {
             None
         };
+        let audit = config.audit.open(&config.base_dir).with_context(|| {
+            format!(
+                "cannot open the audit log {} (audit.path)",
+                config.audit.path.display()
+            )
+        })?;
+        record_reloads(&registry, &audit);
+        let dispatcher = Dispatcher::new(registry, config, audit)?;
         Ok(App {
-            dispatcher: Arc::new(Dispatcher::new(registry, config)),
+            dispatcher: Arc::new(dispatcher),
             _watch: watch,
         })
     }
+}
+
+/// Writes an audit record for every change of the tool set (watcher,
+/// admin or signal reloads alike), for as long as the registry lives.
+fn record_reloads(registry: &Arc<RegistryHandle>, audit: &AuditLog) {
+    if !audit.is_enabled() {
+        return;
+    }
+    let mut changes = registry.subscribe();
+    let weak = Arc::downgrade(registry);
+    let audit = audit.clone();
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        // A lagged receiver still means "changed".
+        while let Ok(_) | Err(RecvError::Lagged(_)) = changes.recv().await {
+            let Some(registry) = weak.upgrade() else {
+                break;
+            };
+            let snapshot = registry.snapshot();
+            let outcome = if snapshot.problems().is_empty() {
+                "ok"
+            } else {
+                "partial"
+            };
+            audit.record_detached(AuditEvent {
+                event: EventKind::Reload,
+                transport: Some("watch".into()),
+                outcome: Some(outcome.into()),
+                reason: Some(format!(
+                    "generation {}: {} tool(s), {} problem(s)",
+                    snapshot.generation(),
+                    snapshot.tools().count(),
+                    snapshot.problems().len()
+                )),
+                ..AuditEvent::default()
+            });
+        }
+    });
 }

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::audit::AuditConfig;
+use crate::auth::{AuthConfig, AuthMode};
+use crate::policy::{RoleConfig, TenantConfig, check_glob};
 use crate::runtime::{DirGrant, DirMode, EngineSettings, Grants, Limits, ToolSource};
 
 /// The configuration Cordon uses when no `--config` is given: the example
@@ -21,6 +24,22 @@ pub struct Config {
     /// The listener and its edge protection.
     #[serde(default)]
     pub server: ServerConfig,
+    /// How requests authenticate.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Roles defined for every tenant (`[roles.NAME]`).
+    #[serde(default)]
+    pub roles: BTreeMap<String, RoleConfig>,
+    /// The declared tenants (`[tenants.ID]`); tokens naming any other
+    /// tenant are refused.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// Who reaches the management surface (`/admin/…`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The audit log.
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// Where tools come from and where their data lives.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -31,6 +50,10 @@ pub struct Config {
     /// without its extension).
     #[serde(default)]
     pub tools: BTreeMap<String, ToolConfig>,
+    /// Named read-only database handles (`[databases.NAME]`), granted to
+    /// components by name in `tools.NAME.databases`.
+    #[serde(default)]
+    pub databases: BTreeMap<String, crate::db::DatabaseConfig>,
     /// The directory relative paths are resolved against (the config file's
     /// directory, or the working directory for the demo config).
     #[serde(skip)]
@@ -58,9 +81,57 @@ pub struct ServerConfig {
     pub keep_alive_secs: u64,
     /// Seconds of inactivity after which a session is closed.
     pub session_idle_secs: u64,
-    /// The tenant of calls that carry no credentials (until authentication
-    /// is configured; local use only).
+    /// With `auth.mode = "none"`: the tenant every caller acts as.
     pub local_tenant: String,
+    /// With `auth.mode = "none"`: the roles every caller has.
+    pub local_roles: Vec<String>,
+    /// Serve HTTPS with these PEM files (`[server.tls]`).
+    pub tls: Option<TlsConfig>,
+    /// Serve plain HTTP on a non-loopback address (e.g. behind a
+    /// TLS-terminating proxy on a private network). Off: plain HTTP only on
+    /// loopback.
+    pub allow_plain_http: bool,
+}
+
+impl ServerConfig {
+    /// The principal of every request when authentication is off.
+    pub fn local_principal(&self) -> crate::dispatch::Principal {
+        crate::dispatch::Principal {
+            tenant: self.local_tenant.clone(),
+            subject: "local".into(),
+            roles: self.local_roles.clone(),
+        }
+    }
+}
+
+/// `[server.tls]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM), leaf first.
+    pub cert_file: PathBuf,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// `[admin]`: the management surface (`/admin/tenants`, `/admin/reload`,
+/// `/admin/audit/tail`, `/admin/audit/verify`). Off unless `tenant` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The operators' tenant.
+    pub tenant: Option<String>,
+    /// The role, within that tenant, that may use the management surface.
+    pub role: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            tenant: None,
+            role: "admin".into(),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -74,6 +145,9 @@ impl Default for ServerConfig {
             keep_alive_secs: 15,
             session_idle_secs: 300,
             local_tenant: "local".into(),
+            local_roles: Vec::new(),
+            tls: None,
+            allow_plain_http: false,
         }
     }
 }
@@ -183,6 +257,9 @@ pub struct ToolConfig {
     /// Config values the component may read.
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// Database handles (names of `[databases.NAME]`) the component may open.
+    #[serde(default)]
+    pub databases: Vec<String>,
 }
 
 /// `[[tools.NAME.dirs]]`
@@ -331,6 +408,9 @@ impl Config {
                 );
             }
         }
+        for (key, message) in self.tenancy_problems() {
+            problem(key, message);
+        }
         let engine = &self.runtime.engine;
         if engine.max_instances == 0 {
             problem(
@@ -426,10 +506,157 @@ impl Config {
                 }
             }
         }
+        found.extend(crate::db::config::problems(self));
         for (key, message) in found {
             problem(key, message);
         }
         problems
+    }
+
+    /// Problems of `[server]` security, `[auth]`, `[roles]`, `[tenants]`,
+    /// `[admin]` and `[audit]`.
+    fn tenancy_problems(&self) -> Vec<(String, String)> {
+        let mut found: Vec<(String, String)> = Vec::new();
+        let auth = &self.auth;
+        let loopback = self.server.listen.ip().is_loopback();
+        match auth.mode {
+            AuthMode::None if !loopback => found.push((
+                "auth.mode".into(),
+                format!(
+                    "\"none\" is only allowed on a loopback listener, not {}; configure [[auth.jwt_keys]] or [[auth.api_keys]]",
+                    self.server.listen
+                ),
+            )),
+            AuthMode::Tokens => {
+                if auth.jwt_keys.is_empty() && auth.api_keys.is_empty() {
+                    found.push((
+                        "auth".into(),
+                        "no credentials are configured: add [[auth.jwt_keys]] or [[auth.api_keys]], or set mode = \"none\" for local development".into(),
+                    ));
+                }
+                if self.tenants.is_empty() {
+                    found.push((
+                        "tenants".into(),
+                        "declare at least one tenant ([tenants.NAME] with its roles)".into(),
+                    ));
+                }
+            }
+            AuthMode::None => {}
+        }
+        if !loopback && self.server.tls.is_none() && !self.server.allow_plain_http {
+            found.push((
+                "server.tls".into(),
+                format!(
+                    "plain HTTP on {} would expose tokens: configure [server.tls] or, behind a TLS proxy on a private network, set server.allow_plain_http = true",
+                    self.server.listen
+                ),
+            ));
+        }
+        for (name, role) in &self.roles {
+            for (kind, patterns) in [("allow", &role.allow), ("deny", &role.deny)] {
+                for pattern in patterns {
+                    if let Err(e) = check_glob(pattern) {
+                        found.push((format!("roles.{name}.{kind}"), format!("{pattern:?}: {e}")));
+                    }
+                }
+            }
+        }
+        let ceiling = self.runtime.engine.max_memory_mib;
+        for (id, tenant) in &self.tenants {
+            let key = format!("tenants.{id}");
+            if !valid_tenant_id(id) {
+                found.push((
+                    key.clone(),
+                    "tenant ids use 1-64 of a-z 0-9 _ - (they name data directories)".into(),
+                ));
+            }
+            for (name, role) in &tenant.roles {
+                for (kind, patterns) in [("allow", &role.allow), ("deny", &role.deny)] {
+                    for pattern in patterns {
+                        if let Err(e) = check_glob(pattern) {
+                            found.push((
+                                format!("{key}.roles.{name}.{kind}"),
+                                format!("{pattern:?}: {e}"),
+                            ));
+                        }
+                    }
+                }
+            }
+            let limits = &tenant.limits;
+            if limits.max_concurrent_calls == Some(0) || limits.calls_per_minute == Some(0) {
+                found.push((
+                    format!("{key}.limits"),
+                    "max_concurrent_calls and calls_per_minute must be at least 1 (remove the key for no limit)".into(),
+                ));
+            }
+            if let Some(m) = limits.memory_mib
+                && (m == 0 || m > ceiling)
+            {
+                found.push((
+                    format!("{key}.limits.memory_mib"),
+                    format!("{m} is outside 1..={ceiling} (runtime.engine.max_memory_mib)"),
+                ));
+            }
+            if limits.timeout_ms == Some(0) {
+                found.push((
+                    format!("{key}.limits.timeout_ms"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        let known_role = |tenant: &str, role: &str| {
+            self.roles.contains_key(role)
+                || self
+                    .tenants
+                    .get(tenant)
+                    .is_some_and(|t| t.roles.contains_key(role))
+        };
+        for (i, key) in auth.api_keys.iter().enumerate() {
+            if !self.tenants.contains_key(&key.tenant) {
+                found.push((
+                    format!("auth.api_keys[{i}].tenant"),
+                    format!("tenant {:?} is not declared in [tenants]", key.tenant),
+                ));
+            }
+            for role in &key.roles {
+                if !known_role(&key.tenant, role) {
+                    found.push((
+                        format!("auth.api_keys[{i}].roles"),
+                        format!(
+                            "role {role:?} is not defined in [roles] or [tenants.{}.roles]",
+                            key.tenant
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(tenant) = &self.admin.tenant {
+            if !self.tenants.contains_key(tenant) {
+                found.push((
+                    "admin.tenant".into(),
+                    format!("tenant {tenant:?} is not declared in [tenants]"),
+                ));
+            } else if !known_role(tenant, &self.admin.role) {
+                found.push((
+                    "admin.role".into(),
+                    format!("role {:?} is not defined for tenant {tenant:?} (define [tenants.{tenant}.roles.{}])", self.admin.role, self.admin.role),
+                ));
+            }
+        }
+        if auth.mode == AuthMode::None
+            && !self.tenants.is_empty()
+            && !self.tenants.contains_key(&self.server.local_tenant)
+        {
+            found.push((
+                "server.local_tenant".into(),
+                format!(
+                    "with auth.mode = \"none\" and declared tenants, the local tenant {:?} must be declared too",
+                    self.server.local_tenant
+                ),
+            ));
+        }
+        found.extend(self.audit.problems());
+        found
     }
 
     fn resolve(&self, path: &Path) -> PathBuf {
@@ -508,9 +735,22 @@ impl Config {
                 quota_bytes: dir.quota_mib.map(|m| m << 20),
             });
         }
+        let data_root = self.data_root();
+        let databases = tool
+            .databases
+            .iter()
+            .filter_map(|name| {
+                let grant = self
+                    .databases
+                    .get(name)?
+                    .resolve(name, tenant, &data_root)?;
+                Some((name.clone(), grant))
+            })
+            .collect();
         Ok(Grants {
             dirs,
             config: tool.config.clone(),
+            databases,
         })
     }
 }
@@ -532,7 +772,7 @@ pub enum GrantError {
 }
 
 /// Relative, no `..`, no absolute parts, only the `{tenant}` placeholder.
-fn check_template(template: &str) -> Result<(), String> {
+pub(crate) fn check_template(template: &str) -> Result<(), String> {
     let without = template.replace("{tenant}", "t");
     if without.contains(['{', '}']) {
         return Err("the only placeholder is {tenant}".into());

@@ -6,15 +6,23 @@
 //!
 //! - [`config`]: the operator's TOML file, checked before anything starts.
 //! - [`runtime`]: engine, tools directory, compile cache and per-call sandbox.
+//! - [`db`]: read-only database handles (SQLite, PostgreSQL) tools may open.
 //! - [`dispatch`]: one tool call through policy, the runtime and the record.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod admin;
 pub mod app;
+pub mod audit;
+pub mod auth;
 pub mod config;
+pub mod db;
 pub mod dispatch;
+pub mod gate;
 pub mod mcp;
+pub mod policy;
 pub mod runtime;
 pub mod server;
 pub mod sse;
+pub mod tls;

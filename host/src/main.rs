@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cordon::app::App;
+use cordon::auth::{AuthMode, Authenticator};
 use cordon::config::Config;
-use cordon::dispatch::{CallRequest, Principal};
+use cordon::dispatch::{CallOrigin, CallRequest, Principal};
 use cordon::runtime::{CallEvent, EventSink, LogLevel};
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +39,11 @@ struct ConfigArg {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Work with database files (see `[databases]` in the config).
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
     /// Serve the tools over HTTP: Streamable HTTP (sessions and stateless
     /// 2026-07-28) at /mcp, classic HTTP+SSE at /sse + /messages.
     Serve {
@@ -51,10 +57,10 @@ enum Command {
     Stdio {
         #[command(flatten)]
         config: ConfigArg,
-        /// The tenant whose grants apply.
-        #[arg(long, default_value = "local")]
-        tenant: String,
-        /// Roles of the local principal (repeatable).
+        /// The tenant whose grants and policy apply (default: `server.local_tenant`).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Roles of the local principal (repeatable; default: `server.local_roles`).
         #[arg(long = "role")]
         roles: Vec<String>,
     },
@@ -67,9 +73,12 @@ enum Command {
     Call {
         #[command(flatten)]
         config: ConfigArg,
-        /// The tenant whose grants apply.
-        #[arg(long, default_value = "local")]
-        tenant: String,
+        /// The tenant whose grants and policy apply (default: `server.local_tenant`).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Roles to call with (repeatable; default: `server.local_roles`).
+        #[arg(long = "role")]
+        roles: Vec<String>,
         /// The tool name.
         tool: String,
         /// The arguments, a JSON object.
@@ -86,6 +95,16 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Mint development tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Read and verify the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +116,77 @@ enum ToolsCommand {
         /// Print the MCP tool definitions as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a JWT that a server running the same config accepts, signed
+    /// with its HS256 development key.
+    Issue {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The tenant the token acts for.
+        #[arg(long)]
+        tenant: String,
+        /// A role (repeatable).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// The subject (`sub`).
+        #[arg(long, default_value = "developer")]
+        subject: String,
+        /// Lifetime, e.g. `15m`, `1h`, `7d`.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// The `kid` of the key to sign with (default: the first HS* key).
+        #[arg(long)]
+        kid: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct AuditFileArg {
+    /// The audit log (default: `audit.path` of the config).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain; says where it breaks (exit status 1).
+    Verify {
+        /// The audit log.
+        file: PathBuf,
+    },
+    /// Print the last records.
+    Tail {
+        #[command(flatten)]
+        source: AuditFileArg,
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
+    /// Print the records that match every filter given.
+    Query {
+        #[command(flatten)]
+        source: AuditFileArg,
+        /// Tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Tool name.
+        #[arg(long)]
+        tool: Option<String>,
+        /// Outcome (`ok`, `denied`, `timeout`, …).
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Event (`call`, `auth_failure`, `quota`, `reload`, `db_denied`, `admin`).
+        #[arg(long)]
+        event: Option<String>,
+        /// Not before: an RFC 3339 time or an age such as `15m`, `2h`, `1d`.
+        #[arg(long)]
+        since: Option<String>,
     },
 }
 
@@ -155,25 +245,24 @@ fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve { config, listen } => {
+            let demo = config.config.is_none();
             let mut config = load_config(&config)?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }
-            serve(config).await
+            serve(config, demo).await
         }
         Command::Stdio {
             config,
             tenant,
             roles,
         } => {
-            let app = App::open(load_config(&config)?, true).await?;
+            let config = load_config(&config)?;
+            let principal = local_principal(&config, tenant, roles, "stdio")?;
+            let app = App::open(config, true).await?;
             report_problems(&app);
-            let principal = Principal {
-                tenant,
-                subject: "stdio".into(),
-                roles,
-            };
-            let handler = cordon::mcp::McpHandler::new(app.dispatcher.clone(), principal);
+            let handler = cordon::mcp::McpHandler::new(app.dispatcher.clone(), principal)
+                .with_transport("stdio");
             let service = rmcp::ServiceExt::serve(handler, rmcp::transport::io::stdio())
                 .await
                 .context("the stdio client did not complete the MCP handshake")?;
@@ -187,7 +276,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             command: ToolsCommand::List { config, json },
         } => {
             let app = App::open(load_config(&config)?, false).await?;
-            let tools = app.dispatcher.list_tools(&Principal::local("local"));
+            // The operator's view: every loaded tool, whoever may call it.
+            let tools: Vec<_> = app
+                .dispatcher
+                .registry()
+                .snapshot()
+                .tools()
+                .map(|entry| entry.info.tool.clone())
+                .collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&tools)?);
             } else {
@@ -207,12 +303,15 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Call {
             config,
             tenant,
+            roles,
             tool,
             arguments,
         } => {
             let arguments: serde_json::Value = serde_json::from_str(&arguments)
                 .context("the arguments must be a JSON object, e.g. '{\"text\":\"hi\"}'")?;
-            let app = App::open(load_config(&config)?, false).await?;
+            let config = load_config(&config)?;
+            let principal = local_principal(&config, tenant, roles, "cli")?;
+            let app = App::open(config, false).await?;
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let printer = tokio::spawn(async move {
                 while let Some(event) = rx.recv().await {
@@ -242,12 +341,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let outcome = app
                 .dispatcher
                 .call(
-                    &Principal::local(&tenant),
+                    &principal,
                     CallRequest {
                         tool,
                         arguments,
                         events: EventSink::new(tx, Some(LogLevel::Debug), true),
                         cancel: Default::default(),
+                        origin: CallOrigin {
+                            transport: "cli",
+                            session: None,
+                        },
                     },
                 )
                 .await;
@@ -267,18 +370,53 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Db { command } => db_command(command),
         Command::Inspect { file } => inspect(&file).await,
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {
             let config = load_config(&config)?;
+            let problems = runtime_problems(&config);
+            if !problems.is_empty() {
+                eprintln!("the configuration has {} problem(s):", problems.len());
+                for (key, message) in &problems {
+                    eprintln!("  - {key}: {message}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
             println!(
-                "configuration OK: {} tool component(s) configured, tools from {}",
+                "configuration OK: {} tool component(s) configured, {} tenant(s), tools from {}",
                 config.tools.len(),
+                config.tenants.len(),
                 config.tools_dir().display()
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Token {
+            command:
+                TokenCommand::Issue {
+                    config,
+                    tenant,
+                    roles,
+                    subject,
+                    ttl,
+                    kid,
+                },
+        } => {
+            let config = load_config(&config)?;
+            if !config.tenants.is_empty() && !config.tenants.contains_key(&tenant) {
+                anyhow::bail!("tenant {tenant:?} is not declared in [tenants]");
+            }
+            let authenticator = authenticator(&config)?;
+            let principal = Principal {
+                tenant,
+                subject,
+                roles,
+            };
+            println!("{}", authenticator.issue(&principal, ttl, kid.as_deref())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { command } => audit(command),
     }
 }
 
@@ -300,22 +438,152 @@ async fn inspect(file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(config: Config) -> anyhow::Result<ExitCode> {
-    let server = config.server.clone();
-    if !server.listen.ip().is_loopback() {
-        // Authentication is not available yet: never expose tools beyond
-        // this machine without it.
+/// The principal of local use (CLI `call`, `stdio`): named on the command
+/// line, or `server.local_tenant` / `server.local_roles`.
+fn local_principal(
+    config: &Config,
+    tenant: Option<String>,
+    roles: Vec<String>,
+    subject: &str,
+) -> anyhow::Result<Principal> {
+    let mut principal = config.server.local_principal();
+    principal.subject = subject.into();
+    if let Some(tenant) = tenant {
+        principal.tenant = tenant;
+    }
+    if !roles.is_empty() {
+        principal.roles = roles;
+    }
+    if !cordon::config::valid_tenant_id(&principal.tenant) {
         anyhow::bail!(
-            "refusing to listen on {}: without authentication Cordon only listens on loopback (127.0.0.1 or ::1)",
-            server.listen
+            "tenant {:?} is not a valid tenant id (use 1-64 of a-z 0-9 _ -)",
+            principal.tenant
         );
     }
+    if !config.tenants.is_empty() && !config.tenants.contains_key(&principal.tenant) {
+        anyhow::bail!("tenant {:?} is not declared in [tenants]", principal.tenant);
+    }
+    Ok(principal)
+}
+
+/// The authenticator of `config`, or every problem with its keys.
+fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {
+    Authenticator::new(&config.auth, &config.base_dir).map_err(|problems| {
+        anyhow::anyhow!(
+            "the [auth] keys cannot be loaded:\n{}",
+            problems
+                .iter()
+                .map(|(key, message)| format!("  - {key}: {message}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })
+}
+
+/// What the static config check cannot see: keys and certificates that do
+/// not load, and the checks that depend on the final listen address.
+fn runtime_problems(config: &Config) -> Vec<(String, String)> {
+    let mut problems: Vec<(String, String)> = config
+        .problems()
+        .into_iter()
+        .map(|p| (p.key, p.message))
+        .collect();
+    if let Err(keys) = Authenticator::new(&config.auth, &config.base_dir) {
+        problems.extend(keys);
+    }
+    if let Some(tls) = &config.server.tls
+        && let Err(e) = cordon::tls::server_config(tls, &config.base_dir)
+    {
+        problems.push(("server.tls".into(), format!("{e:#}")));
+    }
+    problems
+}
+
+fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    use cordon::audit;
+    let path_of = |source: AuditFileArg| -> anyhow::Result<PathBuf> {
+        Ok(match source.file {
+            Some(file) => file,
+            None => {
+                let config = load_config(&source.config)?;
+                config.base_dir.join(&config.audit.path)
+            }
+        })
+    };
+    match command {
+        AuditCommand::Verify { file } => match audit::verify(&file) {
+            Ok(report) => {
+                println!("{report}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("audit log {} does NOT verify: {e}", file.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        AuditCommand::Tail { source, lines } => {
+            for record in audit::tail(&path_of(source)?, lines)? {
+                println!("{}", serde_json::to_string(&record)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Query {
+            source,
+            tenant,
+            tool,
+            outcome,
+            event,
+            since,
+        } => {
+            let query = audit::Query {
+                tenant,
+                tool,
+                outcome,
+                event: event
+                    .map(|e| e.parse())
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                since: since.map(|s| audit::parse_since(&s)).transpose()?,
+            };
+            for record in audit::read_records(&path_of(source)?)? {
+                let record = record?;
+                if query.matches(&record) {
+                    println!("{}", serde_json::to_string(&record)?);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn serve(config: Config, demo: bool) -> anyhow::Result<ExitCode> {
+    let problems = runtime_problems(&config);
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "refusing to start; the configuration has {} problem(s):\n{}",
+            problems.len(),
+            problems
+                .iter()
+                .map(|(key, message)| format!("  - {key}: {message}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let authenticator = std::sync::Arc::new(authenticator(&config)?);
+    let tls = match &config.server.tls {
+        Some(tls) => Some(cordon::tls::server_config(tls, &config.base_dir)?),
+        None => None,
+    };
+    let server = config.server.clone();
+    let dev_token = if demo {
+        let principal = local_principal(&config, None, Vec::new(), "demo-user")?;
+        Some(authenticator.issue(&principal, std::time::Duration::from_secs(12 * 3600), None)?)
+    } else {
+        None
+    };
     let app = App::open(config, true).await?;
     report_problems(&app);
-    let tools = app
-        .dispatcher
-        .list_tools(&Principal::local(&server.local_tenant))
-        .len();
+    let tools = app.dispatcher.registry().snapshot().tools().count();
     let listener = tokio::net::TcpListener::bind(server.listen)
         .await
         .with_context(|| {
@@ -324,31 +592,69 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
                 server.listen
             )
         })?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     // Cordon's own origin is always allowed (the port is known only now, with
     // --listen :0): a page served from elsewhere, or a rebinding attack that
     // carries a foreign Host, is still refused.
     let mut server = server;
     let port = listener.local_addr()?.port();
     for host in ["127.0.0.1", "localhost", "[::1]"] {
-        server.allowed_origins.push(format!("http://{host}:{port}"));
+        server
+            .allowed_origins
+            .push(format!("{scheme}://{host}:{port}"));
     }
     let shutdown = CancellationToken::new();
-    let router = cordon::server::router(app.dispatcher.clone(), &server, shutdown.clone());
+    let router = cordon::server::router(
+        app.dispatcher.clone(),
+        authenticator.clone(),
+        &server,
+        shutdown.clone(),
+    );
     let url = format!(
-        "http://{}{}",
+        "{scheme}://{}{}",
         listener.local_addr()?,
         cordon::server::MCP_PATH
     );
-    tracing::warn!(
-        "authentication is not configured: every local caller acts as tenant `{}`",
-        server.local_tenant
-    );
+    match authenticator.mode() {
+        AuthMode::None => tracing::warn!(
+            "AUTHENTICATION IS OFF (auth.mode = \"none\"): every local caller acts as tenant `{}`; use this only for development",
+            server.local_tenant
+        ),
+        AuthMode::Tokens => {
+            tracing::info!("every request must carry a bearer token (JWT or API key)")
+        }
+    }
+    match &tls {
+        Some(_) => tracing::info!("serving HTTPS (rustls)"),
+        None if server.listen.ip().is_loopback() => {
+            tracing::info!("serving plain HTTP on loopback")
+        }
+        None => tracing::warn!(
+            "serving PLAIN HTTP on {} (server.allow_plain_http): put a TLS proxy in front",
+            server.listen
+        ),
+    }
     tracing::info!(tools, %url, "serving MCP (Streamable HTTP at /mcp, HTTP+SSE at /sse); press Ctrl-C to stop");
+    let client_config = match &dev_token {
+        Some(token) => format!(
+            "{{\"mcpServers\": {{\"cordon\": {{\"type\": \"http\", \"url\": \"{url}\", \"headers\": {{\"Authorization\": \"Bearer {token}\"}}}}}}}}"
+        ),
+        None => format!(
+            "{{\"mcpServers\": {{\"cordon\": {{\"type\": \"http\", \"url\": \"{url}\", \"headers\": {{\"Authorization\": \"Bearer <token>\"}}}}}}}}"
+        ),
+    };
     eprintln!(
         "\nCordon is serving {tools} tool(s) at {url}\n\
-         Client configuration (Cursor, VS Code, Claude Code):\n  \
-         {{\"mcpServers\": {{\"cordon\": {{\"type\": \"http\", \"url\": \"{url}\"}}}}}}\n\
-         MCP Inspector: npx @modelcontextprotocol/inspector, transport \"Streamable HTTP\", URL {url}\n"
+         Client configuration (Cursor, VS Code, Claude Code):\n  {client_config}\n\
+         MCP Inspector: npx @modelcontextprotocol/inspector, transport \"Streamable HTTP\", URL {url}{}\n",
+        match &dev_token {
+            Some(token) => format!(
+                ", header Authorization: Bearer <the token below>\n\
+                 Development token (tenant `{}`, 12 h; mint more with `cordon token issue --tenant T --role R`):\n  {token}",
+                server.local_tenant
+            ),
+            None => String::new(),
+        }
     );
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -356,6 +662,34 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         tracing::info!("shutting down");
         stop.cancel();
     });
-    cordon::server::serve_on(listener, router, shutdown).await?;
+    match tls {
+        Some(tls) => cordon::server::serve_tls_on(listener, router, tls, shutdown).await?,
+        None => cordon::server::serve_on(listener, router, shutdown).await?,
+    }
+    app.dispatcher.audit().flush().await;
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Create a SQLite database from a SQL script (for demos and tests:
+    /// databases are generated, never committed). Refuses to overwrite.
+    Seed {
+        /// The SQL script.
+        #[arg(long)]
+        sql: PathBuf,
+        /// The database file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn db_command(command: DbCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DbCommand::Seed { sql, out } => {
+            cordon::db::seed(&sql, &out)?;
+            println!("created {} from {}", out.display(), sql.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }

@@ -19,8 +19,12 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{CallRequest, Dispatcher, Principal};
-use crate::runtime::{CallEvent, EventSink, LogLevel};
+use crate::dispatch::{CallOrigin, CallRequest, Dispatcher, Principal};
+use crate::runtime::{CallEvent, CallFailure, EventSink, LogLevel};
+
+/// JSON-RPC error code of a call refused by the tenant's quotas (an
+/// implementation-defined server error; HTTP transports also answer 429).
+pub const QUOTA_EXCEEDED: rmcp::model::ErrorCode = rmcp::model::ErrorCode(-32029);
 
 /// Tools per `tools/list` page.
 const PAGE_SIZE: usize = 100;
@@ -35,6 +39,10 @@ pub struct McpHandler {
     /// Used when the transport attached no authenticated principal (local
     /// use: stdio, or a loopback listener with authentication off).
     fallback: Principal,
+    /// The transport, for audit records.
+    transport: &'static str,
+    /// The session id, when the transport knows it up front (HTTP+SSE).
+    session: Option<String>,
     /// The level set by `logging/setLevel` for this session.
     log_level: Arc<Mutex<Option<LogLevel>>>,
     /// Cancelled when the last clone of this handler is dropped, i.e. when
@@ -51,9 +59,38 @@ impl McpHandler {
         McpHandler {
             dispatcher,
             fallback,
+            transport: "streamable-http",
+            session: None,
             log_level: Arc::new(Mutex::new(None)),
             _session_guard: Arc::new(session_end.clone().drop_guard()),
             session_end,
+        }
+    }
+
+    /// Names the transport in audit records (default `streamable-http`).
+    pub fn with_transport(mut self, transport: &'static str) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// The session id of every request of this handler (HTTP+SSE, where the
+    /// id is not in the request's headers).
+    pub fn with_session(mut self, session: impl Into<String>) -> Self {
+        self.session = Some(session.into());
+        self
+    }
+
+    fn origin(&self, extensions: &rmcp::model::Extensions) -> CallOrigin {
+        let session = self.session.clone().or_else(|| {
+            extensions
+                .get::<http::request::Parts>()
+                .and_then(|parts| parts.headers.get("mcp-session-id"))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
+        CallOrigin {
+            transport: self.transport,
+            session,
         }
     }
 
@@ -190,6 +227,7 @@ impl ServerHandler for McpHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let principal = self.principal(&context.extensions);
+        let origin = self.origin(&context.extensions);
         let progress_token = context.meta.get_progress_token();
         let log_level = context
             .meta
@@ -211,18 +249,19 @@ impl ServerHandler for McpHandler {
             .arguments
             .map(serde_json::Value::Object)
             .unwrap_or(serde_json::Value::Null);
-        let outcome = self
-            .dispatcher
-            .call(
-                &principal,
-                CallRequest {
-                    tool: request.name.to_string(),
-                    arguments,
-                    events,
-                    cancel: context.ct.clone(),
-                },
-            )
-            .await;
+        // Boxed: the call's future is large (sandbox, audit record), and
+        // rmcp sizes every session's service task by its handler's futures.
+        let outcome = Box::pin(self.dispatcher.call(
+            &principal,
+            CallRequest {
+                tool: request.name.to_string(),
+                arguments,
+                events,
+                cancel: context.ct.clone(),
+                origin,
+            },
+        ))
+        .await;
         // Deliver every notification before the response.
         if let Some(forwarder) = forwarder {
             let _ = forwarder.await;
@@ -230,6 +269,17 @@ impl ServerHandler for McpHandler {
 
         match outcome.result {
             Ok(result) => Ok(result.into()),
+            Err(failure @ CallFailure::Refused(_)) => {
+                // Lets the HTTP gate answer 429 (see `gate::QuotaRefusal`).
+                if let Some(refusal) = context
+                    .extensions
+                    .get::<http::request::Parts>()
+                    .and_then(|parts| parts.extensions.get::<crate::gate::QuotaRefusal>())
+                {
+                    refusal.set();
+                }
+                Err(McpError::new(QUOTA_EXCEEDED, failure.to_string(), None))
+            }
             Err(failure) if failure.is_request_error() => {
                 Err(McpError::invalid_params(failure.to_string(), None))
             }

@@ -16,41 +16,65 @@ use rmcp::transport::streamable_http_server::session::local::{LocalSessionManage
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Authenticator;
 use crate::config::ServerConfig;
-use crate::dispatch::{Dispatcher, Principal};
+use crate::dispatch::Dispatcher;
+use crate::gate::{self, Gate, METADATA_PATH};
 use crate::mcp::McpHandler;
 use crate::sse::{SSE_PATH, SseTransport};
 
 /// The Streamable HTTP endpoint (all revisions, sessions and stateless).
 pub const MCP_PATH: &str = "/mcp";
 
-/// Builds the router serving every transport for `dispatcher`.
+/// Builds the router serving every transport for `dispatcher`, behind the
+/// authentication gate of `authenticator`.
 pub fn router(
     dispatcher: Arc<Dispatcher>,
+    authenticator: Arc<Authenticator>,
     config: &ServerConfig,
     shutdown: CancellationToken,
 ) -> Router {
-    let fallback = Principal::local(&config.local_tenant);
+    let fallback = config.local_principal();
     let factory = {
         let dispatcher = dispatcher.clone();
         move || Ok(McpHandler::new(dispatcher.clone(), fallback.clone()))
     };
     let (http_config, sessions) = streamable_http_settings(config, &shutdown);
     let streamable = StreamableHttpService::new(factory, sessions.clone(), http_config);
-    let sse = SseTransport::new(dispatcher, config, shutdown.child_token());
+    let sse = SseTransport::new(dispatcher.clone(), config, shutdown.child_token());
+    let gate = Gate::new(
+        authenticator,
+        dispatcher.clone(),
+        sessions.clone(),
+        config.tls.is_some(),
+    );
     let session_cap = SessionCap {
         sessions,
         sse: sse.clone(),
         max: config.max_sessions,
     };
 
-    Router::new()
+    let metadata = Router::new()
+        .route(METADATA_PATH, get(gate::metadata))
+        .route(&format!("{METADATA_PATH}{MCP_PATH}"), get(gate::metadata))
+        .with_state(gate.clone());
+    let authenticates = gate.authenticates();
+    // Layers wrap the routes added before them: the gate runs first, then
+    // the session cap, then the transport. Health and metadata stay open.
+    let mut routes = Router::new()
         .route_service(MCP_PATH, streamable)
         .merge(sse.router())
+        .merge(crate::admin::router(dispatcher))
         .layer(axum::middleware::from_fn_with_state(
             session_cap,
             limit_sessions,
-        ))
+        ));
+    // With `auth.mode = "none"` (loopback only) there is nothing to check.
+    if authenticates {
+        routes = routes.layer(axum::middleware::from_fn_with_state(gate, gate::check));
+    }
+    routes
+        .merge(metadata)
         .route("/healthz", get(|| async { "ok" }))
 }
 
@@ -120,6 +144,103 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {} (server.listen)", config.listen))?;
     serve_on(listener, router, shutdown).await
+}
+
+/// TLS handshakes in progress at once; more connections wait in the backlog.
+const MAX_HANDSHAKES: usize = 256;
+/// A client that has not finished its handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `router` over TLS on an already bound listener until `shutdown`
+/// is cancelled.
+///
+/// Written by hand on tokio-rustls rather than with axum-server: that crate
+/// compiles hyper's HTTP/2 into the connection type, which costs every idle
+/// event-stream connection ~20 KiB more (measured by the idle-session test).
+/// Handshakes run in their own tasks, so a slow client cannot hold up the
+/// accept loop.
+pub async fn serve_tls_on(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let local = listener.local_addr()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let (ready_tx, ready_rx) = tokio::sync::mpsc::channel(64);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                _ = stop.cancelled() => return,
+                permit = handshakes.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let (tcp, peer) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let ready = ready_tx.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = ready.send((stream, peer)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let listener = TlsListener {
+        ready: ready_rx,
+        local,
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .context("the HTTPS server failed")
+}
+
+/// Connections whose TLS handshake has completed, as an axum listener.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(connection) => connection,
+            // The accept loop ended (shutdown): accept nothing more while
+            // the server drains.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 /// Serves `router` on an already bound listener (tests bind port 0).

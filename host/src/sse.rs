@@ -129,7 +129,7 @@ impl SseTransport {
         SseTransport {
             shared: Arc::new(Shared {
                 dispatcher,
-                fallback: Principal::local(&config.local_tenant),
+                fallback: config.local_principal(),
                 sessions: Mutex::new(HashMap::new()),
                 max_sessions: config.max_sessions,
                 keep_alive: Duration::from_secs(config.keep_alive_secs.max(1)),
@@ -176,12 +176,13 @@ impl SseTransport {
 
     /// The principal a request acts as.
     ///
-    /// AUTHENTICATION HOOK: the authentication layer (a middleware in front
-    /// of these routes) inserts the caller's [`Principal`] into the request
+    /// The authentication gate (`gate.rs`, a middleware in front of these
+    /// routes) inserts the caller's [`Principal`] into the request
     /// extensions. `GET /sse` stores it with the session (it becomes the
-    /// session handler's principal), and `POST /messages` must carry the same
-    /// one or is answered 404, as if the session did not exist. Until that
-    /// layer exists every request falls back to the local principal.
+    /// session handler's principal), and `POST /messages` must come from the
+    /// same caller or is answered 404, as if the session did not exist.
+    /// Without authentication (`auth.mode = "none"`) every request is the
+    /// local principal.
     fn principal_of(&self, request: &Request) -> Principal {
         request
             .extensions()
@@ -219,7 +220,9 @@ async fn open_session(State(sse): State<SseTransport>, request: Request) -> Resp
     }
     tracing::debug!(session = %id, tenant = %principal.tenant, "SSE session opened");
 
-    let handler = McpHandler::new(shared.dispatcher.clone(), principal);
+    let handler = McpHandler::new(shared.dispatcher.clone(), principal)
+        .with_transport("sse")
+        .with_session(id.to_string());
     let transport = SessionTransport {
         incoming: incoming_rx,
         outgoing: outgoing_tx,
@@ -332,10 +335,10 @@ async fn deliver(sse: &SseTransport, request: Request) -> Result<(), Refusal> {
     let Some(session) = sse.session(&session_id) else {
         return Err(Refusal::session_not_found());
     };
-    // AUTHENTICATION HOOK: only the principal that opened the session may
-    // post to it (see `SseTransport::principal_of`).
+    // Only the caller that opened the session may post to it (see
+    // `SseTransport::principal_of`).
     let principal = sse.principal_of(&request);
-    if principal != session.principal {
+    if !principal.same_caller(&session.principal) {
         tracing::warn!(session = %session_id, "POST to an SSE session by another principal");
         return Err(Refusal::session_not_found());
     }

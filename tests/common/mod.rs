@@ -4,6 +4,9 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
+pub mod http;
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -15,8 +18,8 @@ use cordon::runtime::{CallEvent, CallFailure, CallOutcome, EventSink, LogLevel};
 use rmcp::model::CallToolResult;
 use tokio::sync::mpsc;
 
-/// Every guest the tests use: the example tools and the hostile fixture.
-pub const GUESTS: &[&str] = &["text", "notes", "conformance", "hostile"];
+/// Every guest the tests use: the example tools and the test fixtures.
+pub const GUESTS: &[&str] = &["text", "notes", "conformance", "hostile", "sql", "dbprobe"];
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -89,9 +92,22 @@ impl Sandbox {
         Sandbox { dir, app }
     }
 
+    /// A config for a test directory. Authentication is off (loopback
+    /// only) and the audit log is written to `audit.jsonl`, unless `extra`
+    /// has its own `[auth]` / `[audit]` table.
     pub fn config_text(cache: &Path, extra: &str) -> String {
+        let auth = if extra.contains("[auth]") {
+            ""
+        } else {
+            "[auth]\nmode = \"none\"\n"
+        };
+        let audit = if extra.contains("[audit]") {
+            ""
+        } else {
+            "[audit]\npath = \"audit.jsonl\"\n"
+        };
         format!(
-            "[runtime]\ntools_dir = \"tools\"\ndata_root = \"data\"\ncache_dir = {cache:?}\nwatch = false\n\n{extra}\n"
+            "[runtime]\ntools_dir = \"tools\"\ndata_root = \"data\"\ncache_dir = {cache:?}\nwatch = false\n\n{auth}{audit}{extra}\n"
         )
     }
 
@@ -119,6 +135,7 @@ impl Sandbox {
                     arguments,
                     events: EventSink::discard(),
                     cancel: Default::default(),
+                    origin: Default::default(),
                 },
             )
             .await
@@ -141,6 +158,7 @@ impl Sandbox {
                     arguments,
                     events: EventSink::new(tx, Some(LogLevel::Debug), true),
                     cancel: Default::default(),
+                    origin: Default::default(),
                 },
             )
             .await;
@@ -244,6 +262,12 @@ impl ServeProcess {
             ),
         }
         server
+    }
+
+    /// Kills the server with SIGKILL (no shutdown, no flush) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Everything the server wrote to stderr so far.

@@ -199,8 +199,13 @@ impl ToolComponent {
 
     async fn list_tools(&self, runtime: &Runtime) -> Result<Vec<types::ToolDefinition>, String> {
         let limits = Limits::default();
-        let (state, _stdio) = HostState::new(&Grants::default(), &limits, EventSink::discard())
-            .map_err(|e| e.to_string())?;
+        let (state, _stdio) = HostState::new(
+            &Grants::default(),
+            &limits,
+            EventSink::discard(),
+            Arc::default(),
+        )
+        .map_err(|e| e.to_string())?;
         let mut store: Store<HostState> = runtime
             .new_store(state, &limits)
             .map_err(|e| format!("{e:#}"))?;

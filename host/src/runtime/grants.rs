@@ -37,4 +37,8 @@ pub struct Grants {
     pub dirs: Vec<DirGrant>,
     /// Named config values the guest reads through `cordon:tool/config`.
     pub config: BTreeMap<String, String>,
+    /// Database handles the guest opens by name through
+    /// `cordon:tool/database`, resolved for the caller (its file or schema).
+    /// A name missing here is "not granted", whoever asks.
+    pub databases: BTreeMap<String, crate::db::DbGrant>,
 }

@@ -107,6 +107,9 @@ pub struct CallStats {
     pub peak_memory: u64,
     /// Log/progress events dropped over the call's budget.
     pub events_dropped: u32,
+    /// Database handles the guest tried to open without a grant (not
+    /// granted to the tool, or not for this tenant), each once, in order.
+    pub denied_databases: Vec<String>,
 }
 
 /// The result of one call.
@@ -123,6 +126,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     settings: EngineSettings,
+    databases: Arc<crate::db::Databases>,
     _ticker: EpochTicker,
 }
 
@@ -156,8 +160,16 @@ impl Runtime {
             engine,
             linker,
             settings,
+            databases: Arc::default(),
             _ticker: ticker,
         })
+    }
+
+    /// Serves database grants from `databases` (none are served without:
+    /// opening a PostgreSQL handle then fails with "unavailable").
+    pub fn with_databases(mut self, databases: Arc<crate::db::Databases>) -> Self {
+        self.databases = databases;
+        self
     }
 
     /// The engine, e.g. for a [`CompileCache`].
@@ -190,7 +202,8 @@ impl Runtime {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + limits.timeout;
 
-        let (state, stdio) = match HostState::new(&grants, &limits, events) {
+        let (state, stdio) = match HostState::new(&grants, &limits, events, self.databases.clone())
+        {
             Ok(parts) => parts,
             Err(e) => {
                 return CallOutcome {
@@ -261,6 +274,7 @@ impl Runtime {
 
         stats.peak_memory = store.data().limiter.peak_memory as u64;
         stats.events_dropped = store.data().events.dropped();
+        stats.denied_databases = std::mem::take(&mut store.data_mut().databases.denied);
         if let Some(budget) = limits.fuel.filter(|_| self.settings.fuel) {
             stats.fuel_consumed = store.get_fuel().ok().map(|left| budget - left.min(budget));
         }

@@ -54,6 +54,10 @@ pub enum CallFailure {
     /// or the host is at its instance capacity).
     #[error("tool could not be started: {0}")]
     Unavailable(String),
+    /// The caller is over a quota (concurrent calls, call rate); the call
+    /// did not run.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl CallFailure {
@@ -72,6 +76,7 @@ impl CallFailure {
             CallFailure::Trap(_) => "trap",
             CallFailure::Cancelled => "cancelled",
             CallFailure::Unavailable(_) => "unavailable",
+            CallFailure::Refused(_) => "quota",
         }
     }
 
@@ -80,7 +85,9 @@ impl CallFailure {
     pub fn is_request_error(&self) -> bool {
         matches!(
             self,
-            CallFailure::UnknownTool(_) | CallFailure::InvalidArguments(_)
+            CallFailure::UnknownTool(_)
+                | CallFailure::InvalidArguments(_)
+                | CallFailure::Refused(_)
         )
     }
 

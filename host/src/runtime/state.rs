@@ -5,6 +5,7 @@
 //! running at the same time, see `host::quota`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use wasmtime_wasi::filesystem::WasiFilesystemCtxView;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -17,12 +18,21 @@ use super::limits::{CallLimiter, Limits};
 
 pub(crate) struct HostState {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
     /// Bookkeeping of the directory quotas; `None` when no grant has one.
     fs_quota: Option<FsQuota>,
     pub(crate) limiter: CallLimiter,
     pub(crate) events: EventSink,
     pub(crate) config: BTreeMap<String, String>,
+    pub(crate) databases: DbSession,
+}
+
+/// The database handles of one call and the shared backends that serve them.
+pub(crate) struct DbSession {
+    pub(crate) registry: Arc<crate::db::Databases>,
+    pub(crate) grants: BTreeMap<String, crate::db::DbGrant>,
+    /// Handle names the guest asked for but was not granted, in order.
+    pub(crate) denied: Vec<String>,
 }
 
 /// The captured stdout and stderr of a call.
@@ -37,6 +47,7 @@ impl HostState {
         grants: &Grants,
         limits: &Limits,
         mut events: EventSink,
+        databases: Arc<crate::db::Databases>,
     ) -> std::io::Result<(Self, Stdio)> {
         let stdio_cap = usize::try_from(limits.max_stdio_bytes).unwrap_or(usize::MAX);
         let stdio = Stdio {
@@ -78,6 +89,11 @@ impl HostState {
             limiter: CallLimiter::new(limits.memory_bytes),
             events,
             config: grants.config.clone(),
+            databases: DbSession {
+                registry: databases,
+                grants: grants.databases.clone(),
+                denied: Vec::new(),
+            },
         };
         Ok((state, stdio))
     }

@@ -1,7 +1,10 @@
 //! Host implementations of the `cordon:tool` imports. The WIT file is their
 //! specification; these stay thin.
 
+mod db;
 mod quota;
+#[allow(unreachable_pub)] // see DbConnection
+pub use db::DbConnection;
 pub(crate) use quota::{FsQuota, QuotaFsView, add_to_linker as add_quota_to_linker};
 
 use super::bindings::cordon::tool::{config, logging, progress, types};

@@ -1,0 +1,177 @@
+//! The management surface, for the operators' admin role only
+//! (`[admin] tenant` + `role`): list tenants and their effective tools,
+//! reload the tools, tail and verify the audit log.
+//!
+//! It sits behind the same authentication gate as the MCP routes. Anyone
+//! else gets 403; nothing here can change a grant (grants change only
+//! through the operator's config).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Query, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::StatusCode;
+use serde_json::json;
+
+use crate::audit::{AuditEvent, EventKind};
+use crate::dispatch::{Dispatcher, Principal};
+
+/// The admin routes, for `dispatcher`.
+pub fn router(dispatcher: Arc<Dispatcher>) -> Router {
+    Router::new()
+        .route("/admin/tenants", get(tenants))
+        .route("/admin/reload", post(reload))
+        .route("/admin/audit/tail", get(audit_tail))
+        .route("/admin/audit/verify", get(audit_verify))
+        .layer(axum::middleware::from_fn_with_state(
+            dispatcher.clone(),
+            require_admin,
+        ))
+        .with_state(dispatcher)
+}
+
+/// The caller, as the gate authenticated it (or the local principal when
+/// authentication is off).
+fn caller(dispatcher: &Dispatcher, request: &Request) -> Principal {
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .unwrap_or_else(|| dispatcher.settings().config.server.local_principal())
+}
+
+async fn require_admin(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let principal = caller(&dispatcher, &request);
+    let settings = dispatcher.settings();
+    let admin = &settings.config.admin;
+    let allowed = admin.tenant.as_deref() == Some(principal.tenant.as_str())
+        && principal.roles.contains(&admin.role);
+    if !allowed {
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(json!({
+                "error": "insufficient_scope",
+                "error_description": "the management surface needs the operators' admin role",
+            })),
+        )
+            .into_response();
+    }
+    request.extensions_mut().insert(principal);
+    next.run(request).await
+}
+
+fn admin_event(request: &Request, reason: &str) -> AuditEvent {
+    let principal = request.extensions().get::<Principal>();
+    AuditEvent {
+        event: EventKind::Admin,
+        tenant: principal.map(|p| p.tenant.clone()),
+        subject: principal.map(|p| p.subject.clone()),
+        transport: Some("http".into()),
+        outcome: Some("ok".into()),
+        reason: Some(reason.into()),
+        ..AuditEvent::default()
+    }
+}
+
+/// `GET /admin/tenants`: every tenant, its roles and the tools each may use.
+async fn tenants(State(dispatcher): State<Arc<Dispatcher>>) -> Response {
+    let settings = dispatcher.settings();
+    let registry = dispatcher.registry().snapshot();
+    let mut tenants = serde_json::Map::new();
+    for (id, tenant) in &settings.config.tenants {
+        let mut role_names: Vec<&String> = tenant
+            .roles
+            .keys()
+            .chain(settings.config.roles.keys())
+            .collect();
+        role_names.sort();
+        role_names.dedup();
+        let mut roles = serde_json::Map::new();
+        for role in role_names {
+            let principal = Principal {
+                tenant: id.clone(),
+                subject: String::new(),
+                roles: vec![role.clone()],
+            };
+            let tools: Vec<_> = registry
+                .tools()
+                .filter(|e| settings.policy.allows(&principal, &e.info.tool.name))
+                .map(|e| e.info.tool.name.to_string())
+                .collect();
+            roles.insert(role.clone(), json!(tools));
+        }
+        tenants.insert(
+            id.clone(),
+            json!({ "roles": roles, "limits": {
+                "max_concurrent_calls": tenant.limits.max_concurrent_calls,
+                "calls_per_minute": tenant.limits.calls_per_minute,
+                "memory_mib": tenant.limits.memory_mib,
+                "timeout_ms": tenant.limits.timeout_ms,
+            }}),
+        );
+    }
+    axum::Json(json!({ "tenants": tenants })).into_response()
+}
+
+/// `POST /admin/reload`: re-reads the tools directory now.
+async fn reload(State(dispatcher): State<Arc<Dispatcher>>, request: Request) -> Response {
+    let registry = dispatcher.registry().reload().await;
+    let tools = registry.tools().count();
+    let problems: Vec<String> = registry.problems().iter().map(|p| p.to_string()).collect();
+    let _ = dispatcher
+        .audit()
+        .record(admin_event(&request, &format!("reload: {tools} tool(s)")))
+        .await;
+    axum::Json(json!({ "tools": tools, "problems": problems })).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct TailQuery {
+    n: Option<usize>,
+}
+
+/// `GET /admin/audit/tail?n=50`: the last records.
+async fn audit_tail(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    Query(query): Query<TailQuery>,
+) -> Response {
+    let Some(path) = dispatcher.audit().path().map(ToOwned::to_owned) else {
+        return (StatusCode::NOT_FOUND, "the audit log is disabled").into_response();
+    };
+    dispatcher.audit().flush().await;
+    let n = query.n.unwrap_or(50).min(10_000);
+    match tokio::task::spawn_blocking(move || crate::audit::tail(&path, n)).await {
+        Ok(Ok(records)) => axum::Json(json!({ "records": records })).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// `GET /admin/audit/verify`: checks the whole chain.
+async fn audit_verify(State(dispatcher): State<Arc<Dispatcher>>, request: Request) -> Response {
+    let Some(path) = dispatcher.audit().path().map(ToOwned::to_owned) else {
+        return (StatusCode::NOT_FOUND, "the audit log is disabled").into_response();
+    };
+    dispatcher.audit().flush().await;
+    dispatcher
+        .audit()
+        .record_detached(admin_event(&request, "audit verify"));
+    match tokio::task::spawn_blocking(move || crate::audit::verify(&path)).await {
+        Ok(Ok(report)) => {
+            axum::Json(json!({ "ok": true, "report": report.to_string() })).into_response()
+        }
+        Ok(Err(e)) => (
+            StatusCode::CONFLICT,
+            axum::Json(json!({ "ok": false, "problem": e.to_string() })),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
