@@ -444,6 +444,23 @@ async fn sqlite_handles_are_per_tenant_and_granted_only() {
         outcome.result.unwrap().structured_content.unwrap()["open"]["error"],
         "not-granted"
     );
+    // Both denials are in the audit log, with tenant and handle.
+    sandbox.app.dispatcher.audit().flush().await;
+    let audit = std::fs::read_to_string(sandbox.dir.path().join("audit.jsonl")).unwrap();
+    let denied: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("database handle"))
+        })
+        .collect();
+    assert_eq!(denied.len(), 2, "{audit}");
+    assert_eq!(denied[0]["tenant"], "t2");
+    assert!(denied[0]["reason"].as_str().unwrap().contains("only_t1"));
+    assert_eq!(denied[1]["tenant"], "t1");
+    assert!(denied[1]["reason"].as_str().unwrap().contains("secret"));
     // Nor can a tool name a path or another tenant's file.
     for name in ["../secret.db", "shop/t2.db", "t2", ""] {
         let (kind, _) = one(&sandbox, "t1", name, "SELECT 1", json!([]))
@@ -641,8 +658,7 @@ fn pg_setup() -> String {
              GRANT ALL ON ALL TABLES IN SCHEMA t_{tenant} TO {RW_ROLE};
              GRANT ALL ON ALL SEQUENCES IN SCHEMA t_{tenant} TO {RW_ROLE};
              GRANT CREATE ON SCHEMA t_{tenant} TO {RW_ROLE};
-             GRANT EXECUTE ON FUNCTION t_{tenant}.add_item() TO {RO_ROLE}, {RW_ROLE};
-             GRANT pg_write_server_files TO {RW_ROLE};"
+             GRANT EXECUTE ON FUNCTION t_{tenant}.add_item() TO {RO_ROLE}, {RW_ROLE};"
         ));
     }
     sql
@@ -1136,4 +1152,62 @@ async fn a_missing_postgres_secret_stops_cordon_with_the_key() {
         message.contains("databases.crm") && message.contains("CORDON_TEST_SURELY_UNSET_DSN"),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn a_postgres_query_outliving_its_call_is_cancelled_on_the_server() {
+    let pg = Postgres::shared();
+    // The call's deadline (400 ms) comes long before the handle's (5 s).
+    let sandbox = pg_sandbox(
+        &pg,
+        "abandoned",
+        "[tools.dbprobe.limits]\ntimeout_ms = 400\n",
+    )
+    .await;
+    let started = Instant::now();
+    let outcome = sandbox
+        .call_as(
+            "acme",
+            "db_query",
+            json!({"handle": "acme_only", "sql": ["SELECT pg_sleep(20)"]}),
+        )
+        .await;
+    assert!(
+        matches!(
+            outcome.result,
+            Err(cordon::runtime::CallFailure::Timeout(_))
+        ),
+        "{:?}",
+        outcome.result
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The host sent a cancel request: the server stops sleeping for nobody.
+    let client = pg.superuser("abandoned").await;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let running: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'abandoned' \
+                 AND query LIKE '%pg_sleep(20)%' AND state = 'active' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the abandoned query still runs");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rows = one(
+        &sandbox,
+        "acme",
+        "acme_only",
+        "SELECT count(*) FROM items",
+        json!([]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows["rows"], json!([[{"integer": 2}]]));
 }

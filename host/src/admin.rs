@@ -1,6 +1,7 @@
 //! The management surface, for the operators' admin role only
 //! (`[admin] tenant` + `role`): list tenants and their effective tools,
-//! reload the tools, tail and verify the audit log.
+//! reload the tools, tail and verify the audit log, and the Prometheus
+//! metrics at `/metrics` (on the main listener, behind the same role).
 //!
 //! It sits behind the same authentication gate as the MCP routes. Anyone
 //! else gets 403; nothing here can change a grant (grants change only
@@ -19,9 +20,30 @@ use serde_json::json;
 use crate::audit::{AuditEvent, EventKind};
 use crate::dispatch::{Dispatcher, Principal};
 
-/// The admin routes, for `dispatcher`.
-pub fn router(dispatcher: Arc<Dispatcher>) -> Router {
+/// Counts open sessions per transport, at scrape time.
+pub type SessionCounter =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Vec<(&'static str, usize)>> + Send + Sync>;
+
+/// The admin routes (and `/metrics`), for `dispatcher`.
+pub fn router(dispatcher: Arc<Dispatcher>, sessions: SessionCounter) -> Router {
+    crate::metrics::init();
     Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let sessions = sessions.clone();
+                async move {
+                    for (transport, open) in sessions().await {
+                        metrics::gauge!(crate::metrics::SESSIONS, "transport" => transport)
+                            .set(open as f64);
+                    }
+                    (
+                        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        crate::metrics::handle().render(),
+                    )
+                }
+            }),
+        )
         .route("/admin/tenants", get(tenants))
         .route("/admin/reload", post(reload))
         .route("/admin/audit/tail", get(audit_tail))

@@ -27,6 +27,7 @@ impl App {
     /// Loads every tool; watches the tools directory when the config says so
     /// and `allow_watch` is true (one-shot CLI commands pass false).
     pub async fn open(config: Config, allow_watch: bool) -> anyhow::Result<App> {
+        crate::metrics::init();
         let databases = crate::db::Databases::open(&config.databases, &config.base_dir)?;
         let runtime =
             Arc::new(Runtime::new(config.engine_settings())?.with_databases(Arc::new(databases)));
@@ -70,12 +71,12 @@ fn record_reloads(registry: &Arc<RegistryHandle>, audit: &AuditLog) {
     }
     let mut changes = registry.subscribe();
     let weak = Arc::downgrade(registry);
-    let audit = audit.clone();
+    let audit = audit.downgrade();
     tokio::spawn(async move {
         use tokio::sync::broadcast::error::RecvError;
         // A lagged receiver still means "changed".
         while let Ok(_) | Err(RecvError::Lagged(_)) = changes.recv().await {
-            let Some(registry) = weak.upgrade() else {
+            let (Some(registry), Some(audit)) = (weak.upgrade(), audit.upgrade()) else {
                 break;
             };
             let snapshot = registry.snapshot();

@@ -944,6 +944,31 @@ struct Inner {
     thread: Option<JoinHandle<()>>,
 }
 
+/// A handle that does not keep the log open: background tasks that outlive
+/// their owner (e.g. the reload recorder) hold this, so that dropping the
+/// last [`AuditLog`] still closes the file at once.
+#[derive(Clone, Default)]
+pub struct WeakAuditLog {
+    inner: Option<std::sync::Weak<Inner>>,
+}
+
+impl WeakAuditLog {
+    /// The log, while some [`AuditLog`] keeps it open.
+    pub fn upgrade(&self) -> Option<AuditLog> {
+        let inner = self.inner.as_ref()?.upgrade()?;
+        Some(AuditLog { inner: Some(inner) })
+    }
+}
+
+impl AuditLog {
+    /// A handle that does not keep the log open.
+    pub fn downgrade(&self) -> WeakAuditLog {
+        WeakAuditLog {
+            inner: self.inner.as_ref().map(Arc::downgrade),
+        }
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the channel tells the writer to flush and stop.
@@ -1176,12 +1201,26 @@ impl Writer {
         loop {
             let next = match (self.durability, self.dirty_since) {
                 (Durability::Batched { interval }, Some(since)) => {
+                    // Sleep out the interval instead of waiting on the
+                    // channel: a sender wakes a parked receiver, and a wake-up
+                    // per record costs the callers more than the write does.
+                    // A flush waits at most one interval.
                     let wait = (since + interval).saturating_duration_since(Instant::now());
-                    match rx.recv_timeout(wait) {
-                        Ok(msg) => Next::Msg(msg),
-                        Err(mpsc::RecvTimeoutError::Timeout) => Next::Timeout,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => Next::Closed,
+                    if !self.flush_requested && !wait.is_zero() {
+                        std::thread::sleep(wait);
                     }
+                    let mut closed = false;
+                    loop {
+                        match rx.try_recv() {
+                            Ok(msg) => self.accept(msg),
+                            Err(mpsc::TryRecvError::Empty) => break,
+                            Err(mpsc::TryRecvError::Disconnected) => {
+                                closed = true;
+                                break;
+                            }
+                        }
+                    }
+                    if closed { Next::Closed } else { Next::Timeout }
                 }
                 _ => rx.recv().map_or(Next::Closed, Next::Msg),
             };

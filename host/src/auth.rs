@@ -215,8 +215,15 @@ struct LoadedKey {
     secret: Option<Vec<u8>>,
 }
 
-/// Verifies credentials. Built once from the config (keys are read then).
+/// Verifies credentials. Built from the config (keys are read then); the
+/// keys can be replaced at run time (config reload), the mode cannot.
 pub struct Authenticator {
+    mode: AuthMode,
+    keys: arc_swap::ArcSwap<KeySet>,
+}
+
+/// Everything one configuration's credentials need.
+struct KeySet {
     config: AuthConfig,
     keys: Vec<LoadedKey>,
     /// (sha256 of the key, the principal it stands for).
@@ -226,10 +233,11 @@ pub struct Authenticator {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material.
+        let keys = self.keys.load();
         f.debug_struct("Authenticator")
-            .field("mode", &self.config.mode)
-            .field("jwt_keys", &self.keys.len())
-            .field("api_keys", &self.api_keys.len())
+            .field("mode", &self.mode)
+            .field("jwt_keys", &keys.keys.len())
+            .field("api_keys", &keys.api_keys.len())
             .finish()
     }
 }
@@ -291,9 +299,12 @@ impl Authenticator {
         }
         if problems.is_empty() {
             Ok(Authenticator {
-                config: config.clone(),
-                keys,
-                api_keys,
+                mode: config.mode,
+                keys: arc_swap::ArcSwap::from_pointee(KeySet {
+                    config: config.clone(),
+                    keys,
+                    api_keys,
+                }),
             })
         } else {
             Err(problems)
@@ -302,16 +313,45 @@ impl Authenticator {
 
     /// Whether requests must authenticate.
     pub fn mode(&self) -> AuthMode {
-        self.config.mode
+        self.mode
     }
 
-    /// The configuration this was built from.
-    pub fn config(&self) -> &AuthConfig {
-        &self.config
+    /// The configuration in force.
+    pub fn config(&self) -> AuthConfig {
+        self.keys.load().config.clone()
+    }
+
+    /// Puts `other`'s keys and settings in force for the requests that
+    /// follow (config reload). Switching authentication on or off needs a
+    /// restart.
+    pub fn replace(&self, other: Authenticator) -> Result<(), String> {
+        if other.mode != self.mode {
+            return Err("auth.mode cannot change on reload; restart Cordon".into());
+        }
+        self.keys.store(other.keys.into_inner());
+        Ok(())
     }
 
     /// Checks a bearer token (the part after `Bearer `).
     pub fn verify(&self, token: &str) -> Result<Principal, AuthFailure> {
+        self.keys.load().verify(token)
+    }
+
+    /// Mints a token for `principal` valid for `ttl`, signed with the first
+    /// HS* key that has a secret (`kid` picks another). For development and
+    /// tests: production tokens come from the operator's identity provider.
+    pub fn issue(
+        &self,
+        principal: &Principal,
+        ttl: Duration,
+        kid: Option<&str>,
+    ) -> anyhow::Result<String> {
+        self.keys.load().issue(principal, ttl, kid)
+    }
+}
+
+impl KeySet {
+    fn verify(&self, token: &str) -> Result<Principal, AuthFailure> {
         if token.split('.').count() == 3 {
             self.verify_jwt(token)
         } else {
@@ -443,10 +483,7 @@ impl Authenticator {
         })
     }
 
-    /// Mints a token for `principal` valid for `ttl`, signed with the first
-    /// HS* key that has a secret (`kid` picks another). For development and
-    /// tests: production tokens come from the operator's identity provider.
-    pub fn issue(
+    fn issue(
         &self,
         principal: &Principal,
         ttl: Duration,

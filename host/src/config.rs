@@ -81,6 +81,9 @@ pub struct ServerConfig {
     pub keep_alive_secs: u64,
     /// Seconds of inactivity after which a session is closed.
     pub session_idle_secs: u64,
+    /// At SIGTERM / Ctrl-C: seconds running calls get to finish before
+    /// they are cancelled.
+    pub shutdown_grace_secs: u64,
     /// With `auth.mode = "none"`: the tenant every caller acts as.
     pub local_tenant: String,
     /// With `auth.mode = "none"`: the roles every caller has.
@@ -144,6 +147,7 @@ impl Default for ServerConfig {
             max_sessions: 10_000,
             keep_alive_secs: 15,
             session_idle_secs: 300,
+            shutdown_grace_secs: 30,
             local_tenant: "local".into(),
             local_roles: Vec::new(),
             tls: None,
@@ -389,6 +393,12 @@ impl Config {
             problem(
                 "server.max_body_bytes".into(),
                 "must be at least 1024".into(),
+            );
+        }
+        if server.shutdown_grace_secs > 3600 {
+            problem(
+                "server.shutdown_grace_secs".into(),
+                "must be at most 3600 (an hour)".into(),
             );
         }
         if server.max_sessions == 0 {

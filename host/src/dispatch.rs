@@ -6,10 +6,13 @@
 //! through here, so they all get the same policy and the same record.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use rmcp::model::Tool;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::config::Config;
@@ -52,6 +55,8 @@ pub struct CallOrigin {
     pub transport: &'static str,
     /// The MCP session id, when there is a session.
     pub session: Option<String>,
+    /// The W3C trace id of the client's `traceparent` (`_meta`), if any.
+    pub trace_id: Option<String>,
 }
 
 impl Default for CallOrigin {
@@ -60,6 +65,7 @@ impl Default for CallOrigin {
         CallOrigin {
             transport: "local",
             session: None,
+            trace_id: None,
         }
     }
 }
@@ -102,6 +108,25 @@ pub struct Dispatcher {
     registry: Arc<RegistryHandle>,
     settings: ArcSwap<Settings>,
     audit: AuditLog,
+    /// Calls running now (for draining at shutdown).
+    in_flight: AtomicUsize,
+    /// Wakes `drain` when a call finishes.
+    finished: tokio::sync::Notify,
+    /// Cancels every running call (the end of the shutdown grace period).
+    hard_stop: CancellationToken,
+    /// Numbers calls for logs and traces.
+    next_call_id: AtomicU64,
+}
+
+/// Counts a running call until dropped.
+struct InFlight<'a>(&'a Dispatcher);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(crate::metrics::ACTIVE_INSTANCES).decrement(1.0);
+        self.0.finished.notify_waiters();
+    }
 }
 
 impl Dispatcher {
@@ -115,7 +140,66 @@ impl Dispatcher {
             registry,
             settings: ArcSwap::from_pointee(Settings::new(config)?),
             audit,
+            in_flight: AtomicUsize::new(0),
+            finished: tokio::sync::Notify::new(),
+            hard_stop: CancellationToken::new(),
+            next_call_id: AtomicU64::new(1),
         })
+    }
+
+    /// What keeps this instance from serving (empty when ready): no tool
+    /// loaded, the audit log not writable, a database handle unreachable.
+    pub async fn readiness_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let registry = self.registry.snapshot();
+        if registry.tools().next().is_none() {
+            problems.push(format!(
+                "no tool is loaded ({} load problem(s))",
+                registry.problems().len()
+            ));
+        }
+        if self.audit.is_enabled() {
+            match tokio::time::timeout(Duration::from_secs(2), self.audit.try_flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => problems.push(format!("the audit log is not writable: {e}")),
+                Err(_) => problems.push("the audit log did not sync within 2 s".into()),
+            }
+        }
+        for (handle, why) in self.registry.runtime().databases().unreachable().await {
+            problems.push(format!("database handle {handle:?} is unreachable: {why}"));
+        }
+        problems
+    }
+
+    /// Calls running now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Waits up to `grace` for running calls to finish, then cancels the
+    /// rest (they end as `cancelled`, with their audit records). Returns the
+    /// number cancelled. New calls are the transports' to refuse.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let finished = self.finished.notified();
+            if self.in_flight() == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, finished).await.is_err() {
+                break;
+            }
+        }
+        let left = self.in_flight();
+        self.hard_stop.cancel();
+        while self.in_flight() > 0 {
+            let finished = self.finished.notified();
+            if self.in_flight() == 0 {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), finished).await;
+        }
+        left
     }
 
     /// The tool registry.
@@ -152,6 +236,21 @@ impl Dispatcher {
 
     /// Runs one call for `principal`, and records it.
     pub async fn call(&self, principal: &Principal, request: CallRequest) -> CallOutcome {
+        let call_id = self.next_call_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!(
+            "tool_call",
+            call_id,
+            tenant = %principal.tenant,
+            subject = %principal.subject,
+            session = request.origin.session.as_deref().unwrap_or(""),
+            transport = request.origin.transport,
+            tool = %request.tool,
+            trace_id = request.origin.trace_id.as_deref().unwrap_or(""),
+        );
+        self.call_inner(principal, request).instrument(span).await
+    }
+
+    async fn call_inner(&self, principal: &Principal, request: CallRequest) -> CallOutcome {
         let started = Instant::now();
         let settings = self.settings.load_full();
         let mut event = AuditEvent {
@@ -204,6 +303,8 @@ impl Dispatcher {
         let _permit = match tenant.map(|t| t.admit(&principal.tenant)).transpose() {
             Ok(permit) => permit,
             Err(refusal) => {
+                metrics::counter!(crate::metrics::QUOTA_REJECTIONS, "tenant" => principal.tenant.clone())
+                    .increment(1);
                 event.event = EventKind::Quota;
                 event.outcome = Some("rate_limited".into());
                 event.reason = Some(refusal.to_string());
@@ -261,11 +362,25 @@ impl Dispatcher {
             cancel: request.cancel,
         };
         let arguments = arguments.to_string();
-        let outcome = self
-            .registry
-            .runtime()
-            .call(&entry.component, &request.tool, &arguments, spec)
-            .await;
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!(crate::metrics::ACTIVE_INSTANCES).increment(1.0);
+        let _in_flight = InFlight(self);
+        // At the end of the shutdown grace period the call is dropped, which
+        // stops the guest like a deadline does.
+        let outcome = tokio::select! {
+            outcome = self
+                .registry
+                .runtime()
+                .call(&entry.component, &request.tool, &arguments, spec) => outcome,
+            _ = self.hard_stop.cancelled() => CallOutcome {
+                result: Err(CallFailure::Cancelled),
+                stats: Default::default(),
+            },
+        };
+        metrics::histogram!(crate::metrics::CALL_SECONDS, "phase" => "instantiate")
+            .record(outcome.stats.instantiate.as_secs_f64());
+        metrics::histogram!(crate::metrics::CALL_SECONDS, "phase" => "execute")
+            .record(outcome.stats.execute.as_secs_f64());
         for handle in &outcome.stats.denied_databases {
             self.audit.record_detached(AuditEvent {
                 event: EventKind::DbDenied,
@@ -299,8 +414,39 @@ impl Dispatcher {
                 .to_owned(),
             );
         }
-        event.duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
-        if let Err(e) = self.audit.record(event).await {
+        let elapsed = started.elapsed();
+        event.duration_ms = Some(elapsed.as_secs_f64() * 1000.0);
+        let outcome_label = event.outcome.clone().unwrap_or_default();
+        let limit = match outcome_label.as_str() {
+            "timeout" => Some("timeout"),
+            "memory_limit" => Some("memory"),
+            "fuel_exhausted" => Some("fuel"),
+            "output_limit" => Some("output"),
+            _ => None,
+        };
+        if let Some(limit) = limit {
+            metrics::counter!(crate::metrics::LIMIT_HITS, "limit" => limit).increment(1);
+        }
+        // Only loaded tools' names become labels: a caller cannot mint series.
+        let tool = if outcome_label == "unknown_tool" || outcome_label == "denied" {
+            "unknown".to_owned()
+        } else {
+            event.tool.clone().unwrap_or_default()
+        };
+        metrics::counter!(
+            crate::metrics::CALLS,
+            "tenant" => event.tenant.clone().unwrap_or_default(),
+            "tool" => tool,
+            "outcome" => outcome_label,
+        )
+        .increment(1);
+        metrics::histogram!(crate::metrics::CALL_SECONDS, "phase" => "total")
+            .record(elapsed.as_secs_f64());
+        let audit_started = Instant::now();
+        let recorded = self.audit.record(event).await;
+        metrics::histogram!(crate::metrics::AUDIT_WRITE_SECONDS)
+            .record(audit_started.elapsed().as_secs_f64());
+        if let Err(e) = recorded {
             tracing::error!("cannot write the audit record of a call: {e}");
             outcome.result = Err(CallFailure::Unavailable(
                 "the call's audit record could not be written; its result is withheld".into(),

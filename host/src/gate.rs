@@ -179,6 +179,7 @@ impl Gate {
             event.subject = Some(p.subject.clone());
         }
         self.shared.dispatcher.audit().record_detached(event);
+        metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => reason).increment(1);
         tracing::info!(reason, path = %request.uri().path(), "request refused by authentication");
 
         let mut challenge = format!(

@@ -21,6 +21,7 @@ pub mod db;
 pub mod dispatch;
 pub mod gate;
 pub mod mcp;
+pub mod metrics;
 pub mod policy;
 pub mod runtime;
 pub mod server;

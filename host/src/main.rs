@@ -20,6 +20,11 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "human")]
     log_format: LogFormat,
+    /// Let the MCP library log whole protocol messages (tool arguments and
+    /// results included) at debug/trace level. Off: it is capped at info
+    /// whatever RUST_LOG says, so arguments never reach the log.
+    #[arg(long, global = true, env = "CORDON_LOG_PROTOCOL")]
+    log_protocol: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -201,7 +206,7 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(cli.log_format, cli.log_protocol);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -218,9 +223,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+fn init_logging(format: LogFormat, log_protocol: bool) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !log_protocol {
+        // rmcp logs every message it receives at debug (arguments and all).
+        for directive in ["rmcp=info", "rmcp::service=info"] {
+            if let Ok(directive) = directive.parse() {
+                filter = filter.add_directive(directive);
+            }
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -245,12 +258,12 @@ fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Serve { config, listen } => {
-            let demo = config.config.is_none();
+            let path = config.config.clone();
             let mut config = load_config(&config)?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }
-            serve(config, demo).await
+            serve(config, path).await
         }
         Command::Stdio {
             config,
@@ -349,7 +362,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                         cancel: Default::default(),
                         origin: CallOrigin {
                             transport: "cli",
-                            session: None,
+                            ..CallOrigin::default()
                         },
                     },
                 )
@@ -556,7 +569,8 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn serve(config: Config, demo: bool) -> anyhow::Result<ExitCode> {
+async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let demo = config_path.is_none();
     let problems = runtime_problems(&config);
     if !problems.is_empty() {
         anyhow::bail!(
@@ -656,18 +670,134 @@ async fn serve(config: Config, demo: bool) -> anyhow::Result<ExitCode> {
             None => String::new(),
         }
     );
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-        stop.cancel();
-    });
-    match tls {
-        Some(tls) => cordon::server::serve_tls_on(listener, router, tls, shutdown).await?,
-        None => cordon::server::serve_on(listener, router, shutdown).await?,
+    let stop_accepting = CancellationToken::new();
+    let mut server_task = match tls {
+        Some(tls) => tokio::spawn(cordon::server::serve_tls_on(
+            listener,
+            router,
+            tls,
+            stop_accepting.clone(),
+        )),
+        None => tokio::spawn(cordon::server::serve_on(
+            listener,
+            router,
+            stop_accepting.clone(),
+        )),
+    };
+
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            _ = sighup.recv() => {
+                match reload_config(config_path.as_deref(), &app, &authenticator, &server).await {
+                    Ok(()) => tracing::info!("configuration reloaded (SIGHUP)"),
+                    Err(e) => tracing::error!("configuration NOT reloaded, the previous one stays in force: {e:#}"),
+                }
+            }
+            finished = &mut server_task => {
+                finished.context("the server task failed")??;
+                anyhow::bail!("the server stopped unexpectedly");
+            }
+        }
+    }
+
+    // Stop accepting, let running calls finish within the grace period,
+    // cancel the rest, end every session and stream, then flush the audit log.
+    let grace = std::time::Duration::from_secs(server.shutdown_grace_secs);
+    tracing::info!(
+        running = app.dispatcher.in_flight(),
+        grace_secs = grace.as_secs(),
+        "shutting down: no new connections; waiting for running calls"
+    );
+    stop_accepting.cancel();
+    let cancelled = app.dispatcher.drain(grace).await;
+    if cancelled > 0 {
+        tracing::warn!(
+            cancelled,
+            "calls still running after the grace period were cancelled"
+        );
+    }
+    // A call that just returned still has its response to write: give the
+    // transports a moment before ending the sessions those responses use.
+    // (Connections without an open stream close on their own meanwhile.)
+    let settle = tokio::time::sleep(std::time::Duration::from_millis(500));
+    let mut ended = None;
+    tokio::select! {
+        _ = settle => {}
+        result = &mut server_task => ended = Some(result),
+    }
+    shutdown.cancel();
+    let ended = match ended {
+        Some(result) => Ok(result),
+        None => tokio::time::timeout(std::time::Duration::from_secs(10), server_task).await,
+    };
+    match ended {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::error!("the server ended with an error: {e:#}"),
+        Ok(Err(e)) => tracing::error!("the server task failed: {e}"),
+        Err(_) => tracing::warn!("connections still open after 10 s; closing them"),
     }
     app.dispatcher.audit().flush().await;
+    tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP: reads the config again and, if it passes every check, puts its
+/// policy, tenants, grants, limits, keys and tool pins in force for the
+/// requests that follow, without touching open sessions. Listener settings
+/// (`[server]`) need a restart.
+async fn reload_config(
+    path: Option<&Path>,
+    app: &App,
+    authenticator: &Authenticator,
+    server: &cordon::config::ServerConfig,
+) -> anyhow::Result<()> {
+    let mut config = match path {
+        Some(path) => Config::load(path)?,
+        None => Config::demo()?,
+    };
+    // The listener keeps its settings (and any --listen) until a restart.
+    if config.server.listen != server.listen && path.is_some() {
+        tracing::warn!(
+            "server.listen changed: restart Cordon to listen on {}",
+            config.server.listen
+        );
+    }
+    config.server.listen = server.listen;
+    let problems = runtime_problems(&config);
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "{} problem(s):\n{}",
+            problems.len(),
+            problems
+                .iter()
+                .map(|(key, message)| format!("  - {key}: {message}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let keys = cordon::auth::Authenticator::new(&config.auth, &config.base_dir)
+        .map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    let settings = cordon::dispatch::Settings::new(config)?;
+    authenticator.replace(keys).map_err(anyhow::Error::msg)?;
+    let registry = app.dispatcher.registry().clone();
+    registry.set_source(settings.config.tool_source());
+    app.dispatcher.replace_settings(settings);
+    registry.reload().await;
+    app.dispatcher
+        .audit()
+        .record_detached(cordon::audit::AuditEvent {
+            event: cordon::audit::EventKind::Admin,
+            transport: Some("signal".into()),
+            outcome: Some("ok".into()),
+            reason: Some("configuration reloaded (SIGHUP)".into()),
+            ..Default::default()
+        });
+    Ok(())
 }
 
 #[derive(Subcommand)]

@@ -91,6 +91,7 @@ impl McpHandler {
         CallOrigin {
             transport: self.transport,
             session,
+            trace_id: None,
         }
     }
 
@@ -109,6 +110,21 @@ impl McpHandler {
     fn session_log_level(&self) -> Option<LogLevel> {
         *self.log_level.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
+/// when it is well-formed and not all zeros.
+fn trace_id_of(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.split('-');
+    let (version, trace_id, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(version, 2)
+        && hex(trace_id, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace_id.bytes().any(|b| b != b'0'))
+    .then(|| trace_id.to_ascii_lowercase())
 }
 
 fn from_mcp_level(level: LoggingLevel) -> LogLevel {
@@ -227,7 +243,12 @@ impl ServerHandler for McpHandler {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let principal = self.principal(&context.extensions);
-        let origin = self.origin(&context.extensions);
+        let mut origin = self.origin(&context.extensions);
+        origin.trace_id = context
+            .meta
+            .get("traceparent")
+            .and_then(|v| v.as_str())
+            .and_then(trace_id_of);
         let progress_token = context.meta.get_progress_token();
         let log_level = context
             .meta

@@ -58,13 +58,27 @@ pub fn router(
         .route(METADATA_PATH, get(gate::metadata))
         .route(&format!("{METADATA_PATH}{MCP_PATH}"), get(gate::metadata))
         .with_state(gate.clone());
+    let session_counter: crate::admin::SessionCounter = {
+        let sessions = session_cap.sessions.clone();
+        let sse = sse.clone();
+        Arc::new(move || {
+            let sessions = sessions.clone();
+            let sse = sse.clone();
+            Box::pin(async move {
+                vec![
+                    ("streamable-http", sessions.sessions.read().await.len()),
+                    ("sse", sse.session_count()),
+                ]
+            })
+        })
+    };
     let authenticates = gate.authenticates();
     // Layers wrap the routes added before them: the gate runs first, then
     // the session cap, then the transport. Health and metadata stay open.
     let mut routes = Router::new()
         .route_service(MCP_PATH, streamable)
         .merge(sse.router())
-        .merge(crate::admin::router(dispatcher))
+        .merge(crate::admin::router(dispatcher.clone(), session_counter))
         .layer(axum::middleware::from_fn_with_state(
             session_cap,
             limit_sessions,
@@ -76,6 +90,28 @@ pub fn router(
     routes
         .merge(metadata)
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz).with_state(dispatcher))
+}
+
+/// `GET /readyz`: 200 when tools are loaded, the audit log syncs and every
+/// PostgreSQL handle answers; 503 otherwise. Unauthenticated, so it names
+/// only what is wrong, not the details (those go to the log).
+async fn readyz(State(dispatcher): State<Arc<Dispatcher>>) -> Response {
+    let problems = dispatcher.readiness_problems().await;
+    if problems.is_empty() {
+        return (http::StatusCode::OK, "ready").into_response();
+    }
+    for problem in &problems {
+        tracing::warn!("not ready: {problem}");
+    }
+    (
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "not ready: {} problem(s); see the server log",
+            problems.len()
+        ),
+    )
+        .into_response()
 }
 
 /// The Streamable HTTP settings of `/mcp` and its session manager. Public so

@@ -6,6 +6,7 @@
 
 pub mod http;
 pub mod postgres;
+pub mod tenants;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -262,6 +263,30 @@ impl ServeProcess {
             ),
         }
         server
+    }
+
+    /// Sends `signal` (e.g. `TERM`, `HUP`) to the server.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `timeout` for the server to exit; its status, if it did.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// Kills the server with SIGKILL (no shutdown, no flush) and reaps it.

@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex, Weak};
 
 /// The login role with read permissions only, as the operator would create.
 pub const RO_ROLE: &str = "cordon_ro";
-/// A role an operator should not use, with write permissions: the host's
-/// read-only transactions must stop it all the same.
+/// A role an operator should not use, with write permissions (on the test
+/// schemas, and to server files for `COPY ... TO`): the host's read-only
+/// transactions must stop it all the same.
 pub const RW_ROLE: &str = "cordon_rw";
 /// The password of both roles.
 pub const PASSWORD: &str = "s3cret-for-tests";
@@ -110,7 +111,8 @@ impl Postgres {
             "postgres",
             &format!(
                 "CREATE ROLE {RO_ROLE} LOGIN PASSWORD '{PASSWORD}';
-                 CREATE ROLE {RW_ROLE} LOGIN PASSWORD '{PASSWORD}';"
+                 CREATE ROLE {RW_ROLE} LOGIN PASSWORD '{PASSWORD}';
+                 GRANT pg_write_server_files TO {RW_ROLE};"
             ),
         );
         pg

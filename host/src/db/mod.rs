@@ -382,6 +382,18 @@ impl Databases {
         })
     }
 
+    /// PostgreSQL handles that cannot be reached now, with why (for
+    /// `/readyz`). SQLite files are per tenant and checked at each call.
+    pub async fn unreachable(&self) -> Vec<(String, String)> {
+        let mut down = Vec::new();
+        for (name, backend) in &self.postgres {
+            if let Err(e) = backend.ping().await {
+                down.push((name.clone(), e));
+            }
+        }
+        down
+    }
+
     /// Checks that `grant` can be used (the SQLite file exists, the pool is
     /// configured) without running anything.
     pub fn check(&self, grant: &DbGrant) -> Result<(), DbError> {

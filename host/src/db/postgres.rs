@@ -110,6 +110,21 @@ impl PgBackend {
         Ok(PgBackend { pool })
     }
 
+    /// Whether a connection can be had (and answers) within 2 s.
+    pub(crate) async fn ping(&self) -> Result<(), String> {
+        let attempt = async {
+            let client = self.pool.get().await.map_err(|e| e.to_string())?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(Duration::from_secs(2), attempt)
+            .await
+            .map_err(|_| "no answer within 2 s".to_owned())?
+    }
+
     /// Runs one read-only statement; see the module docs.
     pub(crate) async fn query(
         &self,

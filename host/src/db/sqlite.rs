@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
@@ -179,25 +179,40 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
     }
 }
 
-/// Interrupts the running statement when dropped, while the query task still
-/// owns the connection: a query whose caller went away stops at once instead
-/// of running to its deadline. The task takes the handle out (under the lock)
+/// What the query task and its caller share: the running statement's
+/// interrupt handle while the task owns the connection, and whether the
+/// caller has gone away.
+#[derive(Default)]
+struct Running {
+    handle: Option<rusqlite::InterruptHandle>,
+    abandoned: bool,
+}
+
+/// Interrupts the running statement when the caller's future is dropped (the
+/// call timed out or was cancelled): the query stops at once instead of
+/// running to its deadline. The task clears the handle (under the lock)
 /// before it returns the connection to the cache, so a late drop can never
 /// interrupt another query that reuses the connection.
-struct InterruptOnDrop(std::sync::Arc<Mutex<Option<rusqlite::InterruptHandle>>>);
+struct InterruptOnDrop(Arc<Mutex<Running>>);
 
 impl Drop for InterruptOnDrop {
     fn drop(&mut self) {
-        let handle = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(handle) = handle.as_ref() {
+        let mut running = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        running.abandoned = true;
+        if let Some(handle) = running.handle.as_ref() {
             handle.interrupt();
         }
     }
 }
 
 /// Runs `sql` read-only on the file `relative` beneath `root`.
+///
+/// Everything that touches the file system or SQLite runs on tokio's
+/// blocking pool. Concurrency needs no limit of its own: a guest is single
+/// threaded and waits for its query, so at most one query per running call
+/// (`runtime.engine.max_instances`) is in flight.
 pub(crate) async fn query(
-    cache: &std::sync::Arc<SqliteCache>,
+    cache: &Arc<SqliteCache>,
     root: &Path,
     relative: &Path,
     limits: &DbLimits,
@@ -205,24 +220,27 @@ pub(crate) async fn query(
     params: Vec<Value>,
 ) -> Result<Rows, DbError> {
     super::statement_allowed(super::Dialect::Sqlite, sql)?;
-    let (path, identity) = check_file(root, relative)?;
-    let conn = match cache.take(&path, identity) {
-        Some(conn) => conn,
-        None => {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || open(&path))
-                .await
-                .map_err(|e| DbError::Failed(format!("the query task failed: {e}")))??
-        }
-    };
-    let handle = std::sync::Arc::new(Mutex::new(Some(conn.get_interrupt_handle())));
-    let _guard = InterruptOnDrop(handle.clone());
+    let running = Arc::new(Mutex::new(Running::default()));
+    let _guard = InterruptOnDrop(running.clone());
     let deadline = Instant::now() + limits.timeout;
+    let (root, relative) = (root.to_owned(), relative.to_owned());
     let (limits, sql, cache) = (*limits, sql.to_owned(), cache.clone());
     tokio::task::spawn_blocking(move || {
-        let mut conn = conn;
+        let (path, identity) = check_file(&root, &relative)?;
+        let mut conn = match cache.take(&path, identity) {
+            Some(conn) => conn,
+            None => open(&path)?,
+        };
+        {
+            let mut state = running.lock().unwrap_or_else(|e| e.into_inner());
+            if state.abandoned {
+                cache.put(path, identity, conn);
+                return Err(DbError::timeout(&limits));
+            }
+            state.handle = Some(conn.get_interrupt_handle());
+        }
         let result = run(&mut conn, deadline, &limits, &sql, &params);
-        *handle.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        running.lock().unwrap_or_else(|e| e.into_inner()).handle = None;
         // Whatever happened, the connection is fine to reuse: an
         // interrupted statement leaves nothing behind on a read-only file.
         let _ = conn.progress_handler(0, None::<fn() -> bool>);

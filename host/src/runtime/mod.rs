@@ -165,6 +165,11 @@ impl Runtime {
         })
     }
 
+    /// The database backends calls use.
+    pub fn databases(&self) -> &Arc<crate::db::Databases> {
+        &self.databases
+    }
+
     /// Serves database grants from `databases` (none are served without:
     /// opening a PostgreSQL handle then fails with "unavailable").
     pub fn with_databases(mut self, databases: Arc<crate::db::Databases>) -> Self {

@@ -255,6 +255,7 @@ impl RegistryHandle {
         }
         let next = Arc::new(next);
         self.current.store(next.clone());
+        metrics::counter!(crate::metrics::RELOADS).increment(1);
         if changed {
             tracing::info!(
                 generation = next.generation,
@@ -288,11 +289,12 @@ impl RegistryHandle {
         let component = ToolComponent::load(&self.runtime, &self.cache, path, pin)
             .await
             .map_err(|e| e.to_string())?;
-        let how = match component.cache_status() {
-            CacheStatus::Hit => "loaded from the compile cache",
-            CacheStatus::Miss => "compiled and cached",
-            CacheStatus::Disabled => "compiled (no cache)",
+        let (how, cache) = match component.cache_status() {
+            CacheStatus::Hit => ("loaded from the compile cache", "hit"),
+            CacheStatus::Miss => ("compiled and cached", "miss"),
+            CacheStatus::Disabled => ("compiled (no cache)", "disabled"),
         };
+        metrics::counter!(crate::metrics::COMPILE_CACHE, "cache" => cache).increment(1);
         tracing::info!(
             component = component.name(),
             sha256 = component.sha256(),
