@@ -182,10 +182,12 @@ async fn audit_verify(State(dispatcher): State<Arc<Dispatcher>>, request: Reques
         return (StatusCode::NOT_FOUND, "the audit log is disabled").into_response();
     };
     dispatcher.audit().flush().await;
+    let verified = tokio::task::spawn_blocking(move || crate::audit::verify(&path)).await;
+    // Recorded after the check, which must not see this record half-written.
     dispatcher
         .audit()
         .record_detached(admin_event(&request, "audit verify"));
-    match tokio::task::spawn_blocking(move || crate::audit::verify(&path)).await {
+    match verified {
         Ok(Ok(report)) => {
             axum::Json(json!({ "ok": true, "report": report.to_string() })).into_response()
         }

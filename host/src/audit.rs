@@ -232,9 +232,11 @@ pub struct AuditEvent {
     /// The full arguments, [`redact`]ed; only when the tenant's policy asks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arguments: Option<Value>,
-    /// For calls: `"ok"`, `"tool_error"`, `"denied"`, `"timeout"`,
-    /// `"memory_limit"`, `"fuel"`, `"output_limit"`, `"trap"`, `"cancelled"`,
-    /// `"invalid"`, `"unavailable"`, `"rate_limited"`, ...
+    /// For calls: `"ok"`, `"tool_error"`, `"denied"` (no role allows the
+    /// tool), `"unknown_tool"`, `"invalid_arguments"`, `"invalid_output"`,
+    /// `"timeout"`, `"memory_limit"`, `"fuel_exhausted"`, `"output_limit"`,
+    /// `"panic"`, `"trap"`, `"cancelled"`, `"unavailable"`; `"rate_limited"`
+    /// for quota refusals. Other events: `"ok"`, `"denied"`, `"partial"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
     /// Free text: why it was denied, why authentication failed, ...
@@ -269,6 +271,20 @@ impl AuditEvent {
     /// `redact_keys` redacted.
     pub fn with_arguments(mut self, args: &Value, include: bool, redact_keys: &[String]) -> Self {
         self.args_digest = Some(args_digest(args));
+        self.arguments = include.then(|| redact(args, redact_keys));
+        self
+    }
+
+    /// [`AuditEvent::with_arguments`], with `serialized` = `args` as serde_json
+    /// wrote it.
+    pub fn with_serialized_arguments(
+        mut self,
+        args: &Value,
+        serialized: &[u8],
+        include: bool,
+        redact_keys: &[String],
+    ) -> Self {
+        self.args_digest = Some(digest_serialized(serialized));
         self.arguments = include.then(|| redact(args, redact_keys));
         self
     }
@@ -318,11 +334,21 @@ struct Head {
 /// SHA-256 (lowercase hex) of `args` serialized as compact JSON with object
 /// keys sorted by their bytes, at every depth.
 pub fn args_digest(args: &Value) -> String {
-    let mut bytes = Vec::new();
-    write_sorted_json(args, &mut bytes);
-    sha256_hex(&bytes)
+    // serde_json's `Map` is a `BTreeMap` here (the `preserve_order` feature
+    // is off), so its compact serialization already has its keys sorted by
+    // their bytes; `args_digest_ignores_key_order` guards that.
+    digest_serialized(&serde_json::to_vec(args).unwrap_or_default())
 }
 
+/// [`args_digest`] of arguments the caller has already serialized with
+/// `serde_json` (saves serializing them twice on the call path).
+pub fn digest_serialized(json: &[u8]) -> String {
+    sha256_hex(json)
+}
+
+/// The definition of the digest's input, written out: compact JSON with
+/// object keys sorted by their bytes. Tests check [`args_digest`] against it.
+#[cfg(test)]
 fn write_sorted_json(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
@@ -1673,6 +1699,15 @@ pub fn tail(path: &Path, n: usize) -> Result<Vec<AuditRecord>, AuditError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn args_digest_is_the_digest_of_the_sorted_serialization() {
+        let args = json!({"zeta": [1, {"b": "x\"y", "a": null}], "alpha": 1.5, "Émile": true});
+        let mut sorted = Vec::new();
+        write_sorted_json(&args, &mut sorted);
+        assert_eq!(args_digest(&args), sha256_hex(&sorted));
+        assert_eq!(serde_json::to_vec(&args).unwrap(), sorted);
+    }
     use serde_json::json;
 
     fn call(tenant: &str, tool: &str, i: usize) -> AuditEvent {

@@ -220,6 +220,26 @@ struct LoadedKey {
 pub struct Authenticator {
     mode: AuthMode,
     keys: arc_swap::ArcSwap<KeySet>,
+    /// JWTs verified recently, until their `exp` (+ leeway): clients send
+    /// the same token with every request, and checking its signature and
+    /// claims again each time is most of what authentication costs.
+    verified: std::sync::Mutex<std::collections::HashMap<String, Verified>>,
+}
+
+/// A verified JWT's principal, and until when (Unix seconds) it holds.
+struct Verified {
+    principal: Principal,
+    until: u64,
+}
+
+/// Verified JWTs remembered at most (the map is emptied when full).
+const VERIFIED_CACHE: usize = 4096;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// Everything one configuration's credentials need.
@@ -305,6 +325,7 @@ impl Authenticator {
                     keys,
                     api_keys,
                 }),
+                verified: Default::default(),
             })
         } else {
             Err(problems)
@@ -329,12 +350,41 @@ impl Authenticator {
             return Err("auth.mode cannot change on reload; restart Cordon".into());
         }
         self.keys.store(other.keys.into_inner());
+        self.verified_cache().clear();
         Ok(())
+    }
+
+    fn verified_cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Verified>> {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Checks a bearer token (the part after `Bearer `).
     pub fn verify(&self, token: &str) -> Result<Principal, AuthFailure> {
-        self.keys.load().verify(token)
+        let keys = self.keys.load();
+        if !is_jwt(token) {
+            return keys.verify_api_key(token);
+        }
+        let now = unix_now();
+        if let Some(hit) = self.verified_cache().get(token)
+            && now <= hit.until
+        {
+            return Ok(hit.principal.clone());
+        }
+        let (principal, exp) = keys.verify_jwt(token)?;
+        let mut cache = self.verified_cache();
+        if cache.len() >= VERIFIED_CACHE {
+            cache.clear();
+        }
+        cache.insert(
+            token.to_owned(),
+            Verified {
+                principal: principal.clone(),
+                until: exp.saturating_add(keys.config.leeway_secs),
+            },
+        );
+        Ok(principal)
     }
 
     /// Mints a token for `principal` valid for `ttl`, signed with the first
@@ -350,15 +400,11 @@ impl Authenticator {
     }
 }
 
-impl KeySet {
-    fn verify(&self, token: &str) -> Result<Principal, AuthFailure> {
-        if token.split('.').count() == 3 {
-            self.verify_jwt(token)
-        } else {
-            self.verify_api_key(token)
-        }
-    }
+fn is_jwt(token: &str) -> bool {
+    token.split('.').count() == 3
+}
 
+impl KeySet {
     fn verify_api_key(&self, token: &str) -> Result<Principal, AuthFailure> {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Compare against every key, without stopping early: the time taken
@@ -372,7 +418,8 @@ impl KeySet {
         found.cloned().ok_or(AuthFailure::UnknownApiKey)
     }
 
-    fn verify_jwt(&self, token: &str) -> Result<Principal, AuthFailure> {
+    /// The token's principal and its `exp`.
+    fn verify_jwt(&self, token: &str) -> Result<(Principal, u64), AuthFailure> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthFailure::Malformed)?;
         let candidates: Vec<&LoadedKey> = match &header.kid {
             Some(kid) => {
@@ -424,7 +471,11 @@ impl KeySet {
                 &key.decoding,
                 &validation,
             ) {
-                Ok(data) => return self.principal_from_claims(&data.claims),
+                Ok(data) => {
+                    // `exp` is required and was checked: it is a number.
+                    let exp = data.claims.get("exp").and_then(|e| e.as_u64()).unwrap_or(0);
+                    return Ok((self.principal_from_claims(&data.claims)?, exp));
+                }
                 Err(e) => {
                     failure = match e.kind() {
                         ErrorKind::InvalidSignature => AuthFailure::BadSignature,

@@ -262,15 +262,19 @@ impl Dispatcher {
             tool: Some(request.tool.clone()),
             ..AuditEvent::default()
         };
-        if let Some(tenant) = settings.policy.tenant(&principal.tenant) {
-            event = event.with_arguments(
-                &request.arguments,
-                tenant.audit.log_arguments,
-                &tenant.audit.redact,
-            );
-        } else {
-            event = event.with_arguments(&request.arguments, false, &[]);
-        }
+        // Serialized once: the digest for the record, and (for an object)
+        // exactly what the guest receives.
+        let serialized = serde_json::to_string(&request.arguments).unwrap_or_default();
+        let (include, redact) = match settings.policy.tenant(&principal.tenant) {
+            Some(tenant) => (tenant.audit.log_arguments, tenant.audit.redact.as_slice()),
+            None => (false, &[][..]),
+        };
+        event = event.with_serialized_arguments(
+            &request.arguments,
+            serialized.as_bytes(),
+            include,
+            redact,
+        );
         let fail = |failure| CallOutcome {
             result: Err(failure),
             stats: Default::default(),
@@ -361,7 +365,11 @@ impl Dispatcher {
             events: request.events,
             cancel: request.cancel,
         };
-        let arguments = arguments.to_string();
+        let arguments = if serialized.starts_with('{') {
+            serialized
+        } else {
+            arguments.to_string()
+        };
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         metrics::gauge!(crate::metrics::ACTIVE_INSTANCES).increment(1.0);
         let _in_flight = InFlight(self);

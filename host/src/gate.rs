@@ -158,7 +158,7 @@ impl Gate {
                 f.to_string(),
                 f.reason(),
             ),
-            Refusal::NoRole => (
+            Refusal::NoRole(_) => (
                 StatusCode::FORBIDDEN,
                 Some("insufficient_scope"),
                 "none of the token's roles is defined for its tenant".to_owned(),
@@ -172,9 +172,7 @@ impl Gate {
             reason: Some(reason.into()),
             ..AuditEvent::default()
         };
-        if let Refusal::NoRole = failure
-            && let Some(p) = request.extensions().get::<Principal>()
-        {
+        if let Refusal::NoRole(p) = &failure {
             event.tenant = Some(p.tenant.clone());
             event.subject = Some(p.subject.clone());
         }
@@ -236,6 +234,9 @@ impl Gate {
         if !settings.policy.is_open() && settings.policy.tenant(&principal.tenant).is_none() {
             return Err(Refusal::Auth(AuthFailure::UnknownTenant));
         }
+        if !settings.policy.has_known_role(&principal) {
+            return Err(Refusal::NoRole(principal));
+        }
         Ok(principal)
     }
 
@@ -252,7 +253,8 @@ impl Gate {
 
 enum Refusal {
     Auth(AuthFailure),
-    NoRole,
+    /// Authenticated, but none of its roles is defined for its tenant.
+    NoRole(Principal),
 }
 
 fn transport_of(uri: &Uri) -> &'static str {
@@ -277,15 +279,6 @@ pub async fn check(State(gate): State<Gate>, mut request: Request, next: Next) -
         Err(refusal) => return gate.refuse(&request, refusal),
     };
     request.extensions_mut().insert(principal.clone());
-    if !gate
-        .shared
-        .dispatcher
-        .settings()
-        .policy
-        .has_known_role(&principal)
-    {
-        return gate.refuse(&request, Refusal::NoRole);
-    }
 
     let is_mcp = request.uri().path() == MCP_PATH;
     let session = request

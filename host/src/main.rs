@@ -288,7 +288,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Tools {
             command: ToolsCommand::List { config, json },
         } => {
-            let app = App::open(load_config(&config)?, false).await?;
+            // Listing calls nothing: no audit log (a running server may hold it).
+            let mut config = load_config(&config)?;
+            config.audit.enabled = false;
+            let app = App::open(config, false).await?;
             // The operator's view: every loaded tool, whoever may call it.
             let tools: Vec<_> = app
                 .dispatcher

@@ -42,7 +42,7 @@ pub struct McpHandler {
     /// The transport, for audit records.
     transport: &'static str,
     /// The session id, when the transport knows it up front (HTTP+SSE).
-    session: Option<String>,
+    session: Option<Arc<str>>,
     /// The level set by `logging/setLevel` for this session.
     log_level: Arc<Mutex<Option<LogLevel>>>,
     /// Cancelled when the last clone of this handler is dropped, i.e. when
@@ -75,13 +75,13 @@ impl McpHandler {
 
     /// The session id of every request of this handler (HTTP+SSE, where the
     /// id is not in the request's headers).
-    pub fn with_session(mut self, session: impl Into<String>) -> Self {
-        self.session = Some(session.into());
+    pub fn with_session(mut self, session: Arc<str>) -> Self {
+        self.session = Some(session);
         self
     }
 
     fn origin(&self, extensions: &rmcp::model::Extensions) -> CallOrigin {
-        let session = self.session.clone().or_else(|| {
+        let session = self.session.as_deref().map(str::to_owned).or_else(|| {
             extensions
                 .get::<http::request::Parts>()
                 .and_then(|parts| parts.headers.get("mcp-session-id"))

@@ -271,12 +271,16 @@ impl Policy {
         let Some(tenant) = self.tenants.get(&principal.tenant) else {
             return false;
         };
-        let roles: Vec<&Role> = principal
-            .roles
-            .iter()
-            .filter_map(|r| tenant.roles.get(r).map(Arc::as_ref))
-            .collect();
-        !roles.iter().any(|r| r.deny.is_match(tool)) && roles.iter().any(|r| r.allow.is_match(tool))
+        let roles = || {
+            principal
+                .roles
+                .iter()
+                .filter_map(|r| tenant.roles.get(r).map(Arc::as_ref))
+        };
+        // One candidate path for every glob test (globset would build it per set).
+        let tool = globset::Candidate::new(tool);
+        !roles().any(|r| r.deny.is_match_candidate(&tool))
+            && roles().any(|r| r.allow.is_match_candidate(&tool))
     }
 }
 

@@ -222,7 +222,7 @@ async fn open_session(State(sse): State<SseTransport>, request: Request) -> Resp
 
     let handler = McpHandler::new(shared.dispatcher.clone(), principal)
         .with_transport("sse")
-        .with_session(id.to_string());
+        .with_session(id.clone());
     let transport = SessionTransport {
         incoming: incoming_rx,
         outgoing: outgoing_tx,
@@ -340,6 +340,18 @@ async fn deliver(sse: &SseTransport, request: Request) -> Result<(), Refusal> {
     let principal = sse.principal_of(&request);
     if !principal.same_caller(&session.principal) {
         tracing::warn!(session = %session_id, "POST to an SSE session by another principal");
+        sse.shared
+            .dispatcher
+            .audit()
+            .record_detached(crate::audit::AuditEvent {
+                event: crate::audit::EventKind::AuthFailure,
+                tenant: Some(principal.tenant.clone()),
+                subject: Some(principal.subject.clone()),
+                transport: Some("sse".into()),
+                outcome: Some("denied".into()),
+                reason: Some("session_of_another_caller".into()),
+                ..Default::default()
+            });
         return Err(Refusal::session_not_found());
     }
     if !is_json(request.headers()) {
