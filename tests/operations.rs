@@ -449,3 +449,31 @@ async fn the_log_of_a_full_run_holds_no_token_or_secret() {
         assert!(leak.is_empty(), "the log holds {secret:?}: {leak:#?}");
     }
 }
+
+#[test]
+fn config_check_reports_every_problem_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("tools")).unwrap();
+    let config = dir.path().join("cordon.toml");
+    std::fs::write(
+        &config,
+        "[runtime]\ntools_dir = \"tools\"\n[limits]\nmemory_mib = 0\n\
+         [[auth.jwt_keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"missing.secret\"\n\
+         [tenants.a]\n[databases.shop]\nkind = \"sqlite\"\npath = \"shop.db\"\ntenants = [\"b\"]\n",
+    )
+    .unwrap();
+    let out = cordon_cmd()
+        .args(["config", "check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for key in [
+        "limits.memory_mib",
+        "auth.jwt_keys[0]",
+        "databases.shop.tenants",
+    ] {
+        assert!(stderr.contains(key), "{key} is reported:\n{stderr}");
+    }
+}

@@ -359,6 +359,36 @@ impl Config {
         Config::parse(DEMO_CONFIG, "the built-in demo config", ".".into())
     }
 
+    /// Reads the file at `path` (or the demo config) without checking its
+    /// values, for `cordon config check`, which reports every problem at
+    /// once, including those of keys and certificates.
+    pub fn read_unchecked(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (text, origin, base) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?,
+                path.display().to_string(),
+                path.parent()
+                    .map(Path::to_owned)
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or_else(|| ".".into()),
+            ),
+            None => (
+                DEMO_CONFIG.to_owned(),
+                "the built-in demo config".to_owned(),
+                PathBuf::from("."),
+            ),
+        };
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            origin,
+            message: e.to_string(),
+        })?;
+        config.base_dir = base;
+        Ok(config)
+    }
+
     /// Parses and checks `text`; relative paths resolve against `base_dir`.
     pub fn parse(text: &str, origin: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {

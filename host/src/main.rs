@@ -391,7 +391,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Config {
             command: ConfigCommand::Check { config },
         } => {
-            let config = load_config(&config)?;
+            // Every problem at once: the values, then what only loading shows.
+            let config = Config::read_unchecked(config.config.as_deref())?;
             let problems = runtime_problems(&config);
             if !problems.is_empty() {
                 eprintln!("the configuration has {} problem(s):", problems.len());
@@ -511,6 +512,10 @@ fn runtime_problems(config: &Config) -> Vec<(String, String)> {
         && let Err(e) = cordon::tls::server_config(tls, &config.base_dir)
     {
         problems.push(("server.tls".into(), format!("{e:#}")));
+    }
+    // PostgreSQL connection strings and passwords are read here too.
+    if let Err(e) = cordon::db::Databases::open(&config.databases, &config.base_dir) {
+        problems.push(("databases".into(), e.to_string()));
     }
     problems
 }

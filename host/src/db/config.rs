@@ -138,6 +138,11 @@ pub fn problems(config: &crate::config::Config) -> Vec<(String, String)> {
                     format!("{key}.tenants"),
                     "tenant ids are 1-64 of a-z 0-9 _ -",
                 );
+            } else if !config.tenants.is_empty() && !config.tenants.contains_key(tenant) {
+                problem(
+                    format!("{key}.tenants"),
+                    "names a tenant that is not declared in [tenants]",
+                );
             }
         }
         let postgres_only = [
