@@ -477,3 +477,83 @@ fn config_check_reports_every_problem_at_once() {
         assert!(stderr.contains(key), "{key} is reported:\n{stderr}");
     }
 }
+
+// Multi-threaded: the collector must answer while the test blocks waiting
+// for the server to exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_go_to_an_otlp_collector_under_the_clients_traceparent() {
+    // A stand-in OTLP/HTTP collector: it keeps every body POSTed to /v1/traces.
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let sink = received.clone();
+    let collector = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().extend_from_slice(&body);
+                ""
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, collector).await });
+
+    let setup = Setup::new(&format!(
+        "[telemetry]\notlp_endpoint = \"http://{collector_addr}/v1/traces\"\nservice_name = \"cordon-under-test\"\n"
+    ));
+    let mut served = setup.serve();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_id = "00f067aa0ba902b7";
+    let mut body: serde_json::Value = serde_json::from_str(&common::http::stateless_body(
+        1,
+        "tools/call",
+        json!({"name": "text_stats", "arguments": {"text": "traced"}}),
+    ))
+    .unwrap();
+    body["params"]["_meta"]["traceparent"] = json!(format!("00-{trace_id}-{parent_id}-01"));
+    let reply = served
+        .http
+        .send(
+            common::http::stateless(&served.http, "tools/call", Some("text_stats")).header(
+                "authorization",
+                format!("Bearer {}", token("acme", &["viewer"])),
+            ),
+            body.to_string(),
+        )
+        .await;
+    assert_eq!(
+        reply.json()["result"]["isError"],
+        json!(false),
+        "{}",
+        reply.body
+    );
+
+    // Shutting down sends the batched spans.
+    served.process.signal("TERM");
+    let status = served
+        .process
+        .wait_exit(Duration::from_secs(20))
+        .expect("cordon exits");
+    assert!(status.success(), "{}", served.process.log());
+    let received = received.lock().unwrap().clone();
+    let contains = |needle: &[u8]| received.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        !received.is_empty(),
+        "the collector got nothing\n{}",
+        served.process.log()
+    );
+    assert!(contains(b"tool_call"), "the call's span is exported");
+    assert!(
+        contains(b"cordon-under-test"),
+        "with the configured service name"
+    );
+    assert!(
+        contains(&hex::decode(trace_id).unwrap()),
+        "inside the client's trace"
+    );
+    assert!(
+        contains(&hex::decode(parent_id).unwrap()),
+        "under the client's span"
+    );
+}

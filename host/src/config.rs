@@ -40,6 +40,9 @@ pub struct Config {
     /// The audit log.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// OpenTelemetry export.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
     /// Where tools come from and where their data lives.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -696,6 +699,7 @@ impl Config {
             ));
         }
         found.extend(self.audit.problems());
+        found.extend(self.telemetry.problems());
         found
     }
 

@@ -55,8 +55,8 @@ pub struct CallOrigin {
     pub transport: &'static str,
     /// The MCP session id, when there is a session.
     pub session: Option<String>,
-    /// The W3C trace id of the client's `traceparent` (`_meta`), if any.
-    pub trace_id: Option<String>,
+    /// The client's W3C `traceparent` (from `_meta`, validated), if any.
+    pub traceparent: Option<String>,
 }
 
 impl Default for CallOrigin {
@@ -65,7 +65,7 @@ impl Default for CallOrigin {
         CallOrigin {
             transport: "local",
             session: None,
-            trace_id: None,
+            traceparent: None,
         }
     }
 }
@@ -245,8 +245,18 @@ impl Dispatcher {
             session = request.origin.session.as_deref().unwrap_or(""),
             transport = request.origin.transport,
             tool = %request.tool,
-            trace_id = request.origin.trace_id.as_deref().unwrap_or(""),
+            trace_id = request
+                .origin
+                .traceparent
+                .as_deref()
+                .and_then(|tp| tp.split('-').nth(1))
+                .unwrap_or(""),
         );
+        if let Some(traceparent) = &request.origin.traceparent {
+            use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+            // Without an exporter there is no OpenTelemetry layer: nothing to do.
+            let _ = span.set_parent(crate::telemetry::parent_context(traceparent));
+        }
         self.call_inner(principal, request).instrument(span).await
     }
 

@@ -26,4 +26,5 @@ pub mod policy;
 pub mod runtime;
 pub mod server;
 pub mod sse;
+pub mod telemetry;
 pub mod tls;

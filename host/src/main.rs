@@ -206,7 +206,23 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, cli.log_protocol);
+    // `serve` exports spans when its config asks; the config is checked
+    // again (and reported) when the command runs.
+    let telemetry = match &cli.command {
+        Command::Serve { config, .. } => Config::read_unchecked(config.config.as_deref())
+            .map(|c| c.telemetry)
+            .unwrap_or_default(),
+        _ => Default::default(),
+    };
+    let tracer_provider = match init_logging(cli.log_format, cli.log_protocol, &telemetry) {
+        Ok(provider) => provider,
+        Err(e) => {
+            eprintln!(
+                "error: cannot set up the OpenTelemetry export (telemetry.otlp_endpoint): {e:#}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -214,16 +230,34 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let code = match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    drop(runtime);
+    // Sends the spans still batched.
+    if let Some(provider) = tracer_provider
+        && let Err(e) = provider.shutdown()
+    {
+        eprintln!("warning: the last spans could not be exported: {e}");
     }
+    code
 }
 
-fn init_logging(format: LogFormat, log_protocol: bool) {
+/// Logs to stderr (human or JSON, level from `RUST_LOG`), plus OTLP export
+/// when `telemetry` names an endpoint; returns its provider to shut down.
+fn init_logging(
+    format: LogFormat,
+    log_protocol: bool,
+    telemetry: &cordon::telemetry::TelemetryConfig,
+) -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if !log_protocol {
@@ -234,13 +268,24 @@ fn init_logging(format: LogFormat, log_protocol: bool) {
             }
         }
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Human => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let (provider, otel) = match telemetry.tracer()? {
+        Some((provider, tracer)) => (
+            Some(provider),
+            Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+        ),
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .init();
+    Ok(provider)
 }
 
 fn load_config(arg: &ConfigArg) -> anyhow::Result<Config> {

@@ -91,7 +91,7 @@ impl McpHandler {
         CallOrigin {
             transport: self.transport,
             session,
-            trace_id: None,
+            traceparent: None,
         }
     }
 
@@ -244,11 +244,12 @@ impl ServerHandler for McpHandler {
     ) -> Result<CallToolResponse, McpError> {
         let principal = self.principal(&context.extensions);
         let mut origin = self.origin(&context.extensions);
-        origin.trace_id = context
+        origin.traceparent = context
             .meta
             .get("traceparent")
             .and_then(|v| v.as_str())
-            .and_then(trace_id_of);
+            .filter(|tp| trace_id_of(tp).is_some())
+            .map(str::to_ascii_lowercase);
         let progress_token = context.meta.get_progress_token();
         let log_level = context
             .meta

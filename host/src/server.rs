@@ -167,7 +167,21 @@ async fn limit_sessions(State(cap): State<SessionCap>, request: Request, next: N
         )
             .into_response();
     }
-    next.run(request).await
+    // One span per request, named here rather than in a layer of its own
+    // (every layer costs each open connection a few hundred bytes). The path,
+    // never the query (which could hold a credential), and the session.
+    use tracing::Instrument as _;
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        session = request
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    );
+    next.run(request).instrument(span).await
 }
 
 /// Serves `router` on `config.listen` until `shutdown` is cancelled.
