@@ -528,16 +528,21 @@ fn local_principal(
     Ok(principal)
 }
 
+/// Problems as an indented list, one `  - key: message` per line.
+fn problem_list(problems: &[(String, String)]) -> String {
+    problems
+        .iter()
+        .map(|(key, message)| format!("  - {key}: {message}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The authenticator of `config`, or every problem with its keys.
 fn authenticator(config: &Config) -> anyhow::Result<Authenticator> {
     Authenticator::new(&config.auth, &config.base_dir).map_err(|problems| {
         anyhow::anyhow!(
             "the [auth] keys cannot be loaded:\n{}",
-            problems
-                .iter()
-                .map(|(key, message)| format!("  - {key}: {message}"))
-                .collect::<Vec<_>>()
-                .join("\n")
+            problem_list(&problems)
         )
     })
 }
@@ -629,11 +634,7 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<E
         anyhow::bail!(
             "refusing to start; the configuration has {} problem(s):\n{}",
             problems.len(),
-            problems
-                .iter()
-                .map(|(key, message)| format!("  - {key}: {message}"))
-                .collect::<Vec<_>>()
-                .join("\n")
+            problem_list(&problems)
         );
     }
     let authenticator = std::sync::Arc::new(authenticator(&config)?);
@@ -826,15 +827,10 @@ async fn reload_config(
         anyhow::bail!(
             "{} problem(s):\n{}",
             problems.len(),
-            problems
-                .iter()
-                .map(|(key, message)| format!("  - {key}: {message}"))
-                .collect::<Vec<_>>()
-                .join("\n")
+            problem_list(&problems)
         );
     }
-    let keys = cordon::auth::Authenticator::new(&config.auth, &config.base_dir)
-        .map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    let keys = self::authenticator(&config)?;
     let settings = cordon::dispatch::Settings::new(config)?;
     authenticator.replace(keys).map_err(anyhow::Error::msg)?;
     let registry = app.dispatcher.registry().clone();
