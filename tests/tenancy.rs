@@ -129,6 +129,17 @@ async fn every_token_attack_gets_401_and_an_audit_record() {
             "missing_tenant",
         ),
         (
+            "missing subject",
+            Some(format!(
+                "Bearer {}",
+                with(&|c| {
+                    c.as_object_mut().unwrap().remove("sub");
+                })
+            )),
+            "",
+            "missing_claim",
+        ),
+        (
             "unknown API key",
             Some("Bearer ck_test_wrong".into()),
             "",
@@ -821,5 +832,47 @@ fn token_issue_mints_a_token_the_server_accepts_and_config_check_finds_key_probl
     assert!(
         stderr.contains("auth.jwt_keys[0]") && stderr.contains("hs.secret"),
         "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_flood_of_bad_tokens_cannot_grow_the_audit_log_at_will() {
+    let setup = Setup::new("");
+    let served = setup.serve();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let base = served.http.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let http = Http::new(base);
+            for _ in 0..250 {
+                let reply = list_with(&http, Some("Bearer not-a-real-key"), "/mcp").await;
+                assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // Still serving, and the refusals were paced.
+    let reply = list_with(
+        &served.http,
+        Some(&format!("Bearer {}", token("acme", &["viewer"]))),
+        "/mcp",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let _ = list_with(&served.http, Some("Bearer one-more-bad-key"), "/mcp").await;
+    std::thread::sleep(Duration::from_millis(300));
+    let records = audit_records(&setup.audit_log(), 1);
+    let failures = records
+        .iter()
+        .filter(|r| r["event"] == "auth_failure")
+        .count();
+    assert!(failures < 1500, "{failures} records for 2,001 refusals");
+    assert!(
+        records.iter().any(|r| r["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("suppressed"))),
+        "the suppressed count is recorded"
     );
 }

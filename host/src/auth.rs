@@ -3,7 +3,7 @@
 //! Two kinds of credential are accepted in `Authorization: Bearer …`:
 //! - JWTs (jsonwebtoken), checked against the operator's keys. Each key has
 //!   an explicit algorithm allow-list, so `alg: none` and RS/HS confusion
-//!   fail; the token's `kid` selects the key. `exp` is required, `nbf`,
+//!   fail; the token's `kid` selects the key. `exp` and `sub` are required, `nbf`,
 //!   `iss` and `aud` are checked, with a small leeway.
 //! - API keys, stored in the config as sha256 hashes and compared in
 //!   constant time, each mapped to a tenant and roles.
@@ -160,7 +160,7 @@ pub enum AuthFailure {
     /// Wrong `iss`.
     #[error("wrong issuer")]
     WrongIssuer,
-    /// A required claim (`exp`, `iss`, `aud`) is missing.
+    /// A required claim (`exp`, `sub`, `iss`, `aud`) is missing.
     #[error("missing claim `{0}`")]
     MissingClaim(String),
     /// No tenant claim.
@@ -451,7 +451,9 @@ impl KeySet {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.config.leeway_secs;
         validation.validate_nbf = true;
-        let mut required = vec!["exp"];
+        // `sub` is required: sessions are bound to tenant + subject, so two
+        // callers must never share a made-up subject.
+        let mut required = vec!["exp", "sub"];
         if let Some(issuer) = &self.config.issuer {
             validation.set_issuer(&[issuer]);
             required.push("iss");
@@ -522,11 +524,10 @@ impl KeySet {
                 _ => Vec::new(),
             },
         };
-        let subject = claims
-            .get("sub")
-            .and_then(|s| s.as_str())
-            .unwrap_or("unknown")
-            .to_owned();
+        let subject = match claims.get("sub").and_then(|s| s.as_str()) {
+            Some(sub) if !sub.is_empty() => sub.to_owned(),
+            _ => return Err(AuthFailure::MissingClaim("sub".into())),
+        };
         Ok(Principal {
             tenant,
             subject,

@@ -35,6 +35,10 @@ use crate::sse::{MESSAGES_PATH, SSE_PATH};
 /// RFC 9728 protected-resource metadata.
 pub const METADATA_PATH: &str = "/.well-known/oauth-protected-resource";
 
+/// Audit records of refused requests, per second, and in a burst.
+const FAILURE_RECORDS_PER_SECOND: std::num::NonZeroU32 = std::num::NonZeroU32::new(50).unwrap();
+const FAILURE_RECORDS_BURST: std::num::NonZeroU32 = std::num::NonZeroU32::new(500).unwrap();
+
 /// Query parameters that would carry a credential. They are refused, never read.
 const CREDENTIAL_PARAMS: &[&str] = &[
     "access_token",
@@ -78,6 +82,10 @@ struct Shared {
     bindings: Mutex<HashMap<String, Principal>>,
     /// `https` when serving TLS, for URLs in the metadata.
     scheme: &'static str,
+    /// Paces the audit records of refused requests.
+    failure_records: governor::DefaultDirectRateLimiter,
+    /// Refusal records not written since the last one that was.
+    suppressed: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Gate {
@@ -102,6 +110,11 @@ impl Gate {
                 sessions,
                 bindings: Mutex::new(HashMap::new()),
                 scheme: if tls { "https" } else { "http" },
+                failure_records: governor::RateLimiter::direct(
+                    governor::Quota::per_second(FAILURE_RECORDS_PER_SECOND)
+                        .allow_burst(FAILURE_RECORDS_BURST),
+                ),
+                suppressed: Default::default(),
             }),
         }
     }
@@ -149,6 +162,26 @@ impl Gate {
         }
     }
 
+    /// Audits a refused request. Anyone can send those, so their records
+    /// are rate-limited (the log must not be growable at will from outside):
+    /// beyond the limit they are counted, and the count is written with the
+    /// next record that passes. The metrics count every refusal.
+    fn audit_failure(&self, mut event: AuditEvent) {
+        let shared = &self.shared;
+        if shared.failure_records.check().is_err() {
+            shared.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let suppressed = shared.suppressed.swap(0, Ordering::Relaxed);
+        if suppressed > 0 {
+            let reason = event.reason.take().unwrap_or_default();
+            event.reason = Some(format!(
+                "{reason} ({suppressed} earlier refusal record(s) suppressed by the rate limit)"
+            ));
+        }
+        shared.dispatcher.audit().record_detached(event);
+    }
+
     /// The 401 (or 403) answer to a failed authentication, audited.
     fn refuse(&self, request: &Request, failure: Refusal) -> Response {
         let (status, code, description, reason) = match &failure {
@@ -176,7 +209,7 @@ impl Gate {
             event.tenant = Some(p.tenant.clone());
             event.subject = Some(p.subject.clone());
         }
-        self.shared.dispatcher.audit().record_detached(event);
+        self.audit_failure(event);
         metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => reason).increment(1);
         tracing::info!(reason, path = %request.uri().path(), "request refused by authentication");
 
@@ -292,7 +325,7 @@ pub async fn check(State(gate): State<Gate>, mut request: Request, next: Next) -
             && !owner.same_caller(&principal)
         {
             tracing::warn!(tenant = %principal.tenant, "request for a session opened by another caller");
-            gate.shared.dispatcher.audit().record_detached(AuditEvent {
+            gate.audit_failure(AuditEvent {
                 event: EventKind::AuthFailure,
                 tenant: Some(principal.tenant.clone()),
                 subject: Some(principal.subject.clone()),
