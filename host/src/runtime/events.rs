@@ -110,8 +110,13 @@ impl EventSink {
         if self.min_level.is_none_or(|min| level < min) {
             return;
         }
-        let data = serde_json::from_str(&data)
-            .unwrap_or_else(|_| serde_json::Value::String(truncate(data)));
+        // A message that is JSON goes up as JSON, unless it is over the
+        // limit: then it is cut like any other text (and not parsed at all).
+        let data = if data.len() > MAX_EVENT_BYTES {
+            serde_json::Value::String(truncate(data))
+        } else {
+            serde_json::from_str(&data).unwrap_or(serde_json::Value::String(data))
+        };
         self.send(CallEvent::Log {
             level,
             logger: logger.map(truncate),
@@ -157,4 +162,27 @@ fn truncate(mut s: String) -> String {
         s.push_str("…[truncated]");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_log_messages_stay_json_and_huge_ones_are_cut() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut sink = EventSink::new(tx, Some(LogLevel::Debug), false);
+        sink.log(LogLevel::Info, None, r#"{"a": 1}"#.into());
+        let huge = format!("[{}]", "1,".repeat(MAX_EVENT_BYTES) + "1");
+        sink.log(LogLevel::Info, None, huge);
+        let Some(CallEvent::Log { data, .. }) = rx.try_recv().ok() else {
+            panic!("no event")
+        };
+        assert_eq!(data, serde_json::json!({"a": 1}));
+        let Some(CallEvent::Log { data, .. }) = rx.try_recv().ok() else {
+            panic!("no event")
+        };
+        let text = data.as_str().expect("a cut message is text");
+        assert!(text.len() <= MAX_EVENT_BYTES + 20 && text.ends_with("[truncated]"));
+    }
 }
