@@ -170,3 +170,38 @@ async fn replacing_a_wasm_while_calls_run_swaps_the_tool_list_without_failing_a_
         .unwrap();
     assert!(names(&app).is_empty());
 }
+
+#[tokio::test]
+async fn a_component_is_loaded_within_its_configured_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(dir.path().join("tools")).unwrap();
+    std::fs::copy(guest("text"), dir.path().join("tools/text.wasm")).unwrap();
+
+    // Too little memory for the component even to start: refused at load,
+    // with the reason (its list-tools runs within the tool's own limits).
+    let config = write_config(
+        dir.path(),
+        &cache,
+        "[tools.text.limits]\nmemory_mib = 1\n",
+        false,
+    );
+    let app = App::open(config, false).await.unwrap();
+    let snapshot = app.dispatcher.registry().snapshot();
+    assert!(snapshot.tools().next().is_none());
+    let problems: Vec<String> = snapshot.problems().iter().map(|p| p.to_string()).collect();
+    assert!(
+        problems.iter().any(|p| p.contains("memory")),
+        "{problems:?}"
+    );
+    drop(app);
+
+    let config = write_config(
+        dir.path(),
+        &cache,
+        "[tools.text.limits]\nmemory_mib = 8\n",
+        false,
+    );
+    let app = App::open(config, false).await.unwrap();
+    assert!(names(&app).contains(&"text_stats".to_string()));
+}

@@ -747,6 +747,12 @@ impl Config {
                 .iter()
                 .filter_map(|(name, t)| Some((name.clone(), t.sha256.clone()?)))
                 .collect::<HashMap<_, _>>(),
+            limits: self
+                .tools
+                .keys()
+                .map(|name| (name.clone(), self.limits_for(name)))
+                .collect(),
+            default_limits: self.limits.apply(&Limits::default()),
         }
     }
 

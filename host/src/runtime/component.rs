@@ -122,12 +122,13 @@ fn valid_tool_name(name: &str) -> bool {
 
 impl ToolComponent {
     /// Reads, verifies, compiles (or loads from `cache`) and pre-links the
-    /// component at `path`, then asks it for its tools.
+    /// component at `path`, then asks it for its tools within `limits`.
     pub async fn load(
         runtime: &Runtime,
         cache: &CompileCache,
         path: &Path,
         pin: Option<&str>,
+        limits: &Limits,
     ) -> Result<Self, LoadError> {
         let invalid = |message: String| LoadError::Invalid {
             path: path.to_owned(),
@@ -180,7 +181,7 @@ impl ToolComponent {
             tools: Vec::new(),
             cache: cache_status,
         };
-        let definitions = loaded.list_tools(runtime).await.map_err(invalid)?;
+        let definitions = loaded.list_tools(runtime, limits).await.map_err(invalid)?;
         let mut tools = Vec::with_capacity(definitions.len());
         for def in definitions {
             let name = def.name.clone();
@@ -197,17 +198,20 @@ impl ToolComponent {
         Ok(loaded)
     }
 
-    async fn list_tools(&self, runtime: &Runtime) -> Result<Vec<types::ToolDefinition>, String> {
-        let limits = Limits::default();
+    async fn list_tools(
+        &self,
+        runtime: &Runtime,
+        limits: &Limits,
+    ) -> Result<Vec<types::ToolDefinition>, String> {
         let (state, _stdio) = HostState::new(
             &Grants::default(),
-            &limits,
+            limits,
             EventSink::discard(),
             Arc::default(),
         )
         .map_err(|e| e.to_string())?;
         let mut store: Store<HostState> = runtime
-            .new_store(state, &limits)
+            .new_store(state, limits)
             .map_err(|e| format!("{e:#}"))?;
         let listing = async {
             let instance = self.pre.instantiate_async(&mut store).await?;

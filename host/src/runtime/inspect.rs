@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use wasmtime::component::Component;
 
-use super::{CompileCache, EngineSettings, Runtime, ToolComponent};
+use super::{CompileCache, EngineSettings, Limits, Runtime, ToolComponent};
 
 /// A readable report on the component at `path`, without running any tool.
 pub async fn inspect(path: &Path) -> anyhow::Result<String> {
@@ -28,7 +28,7 @@ pub async fn inspect(path: &Path) -> anyhow::Result<String> {
         writeln!(out, "  {name}")?;
     }
     let cache = CompileCache::new(runtime.engine(), None)?;
-    match ToolComponent::load(&runtime, &cache, path, None).await {
+    match ToolComponent::load(&runtime, &cache, path, None, &Limits::default()).await {
         Ok(loaded) => {
             writeln!(out, "sha256: {}", loaded.sha256())?;
             writeln!(out, "tools:")?;

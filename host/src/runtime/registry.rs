@@ -19,6 +19,7 @@ use tokio::sync::{Mutex, broadcast, mpsc};
 use super::Runtime;
 use super::cache::{CacheStatus, CompileCache};
 use super::component::{ToolComponent, ToolInfo};
+use super::limits::Limits;
 
 /// A tool as served, with the component that runs it.
 #[derive(Debug, Clone)]
@@ -95,6 +96,11 @@ pub struct ToolSource {
     pub dir: PathBuf,
     /// sha256 pins by component name: a file whose digest differs is refused.
     pub pins: HashMap<String, String>,
+    /// The limits of a component's `list-tools` at load time (its call
+    /// limits: a big component needs the memory it was granted to start).
+    pub limits: HashMap<String, Limits>,
+    /// The limits of components not in `limits`.
+    pub default_limits: Limits,
 }
 
 /// Sent to subscribers when the set of tools changed.
@@ -191,12 +197,13 @@ impl RegistryHandle {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let pin = source.pins.get(&name).map(String::as_str);
+            let limits = source.limits.get(&name).unwrap_or(&source.default_limits);
             let old = previous
                 .components
                 .get(&name)
                 .filter(|c| c.path() == path)
                 .cloned();
-            match self.load_one(&path, pin, old.as_ref()).await {
+            match self.load_one(&path, pin, limits, old.as_ref()).await {
                 Ok(component) => {
                     components.insert(name, component);
                 }
@@ -274,6 +281,7 @@ impl RegistryHandle {
         &self,
         path: &Path,
         pin: Option<&str>,
+        limits: &Limits,
         old: Option<&Arc<ToolComponent>>,
     ) -> Result<Arc<ToolComponent>, String> {
         if let Some(old) = old {
@@ -286,7 +294,7 @@ impl RegistryHandle {
                 return Ok(old.clone());
             }
         }
-        let component = ToolComponent::load(&self.runtime, &self.cache, path, pin)
+        let component = ToolComponent::load(&self.runtime, &self.cache, path, pin, limits)
             .await
             .map_err(|e| e.to_string())?;
         let (how, cache) = match component.cache_status() {
