@@ -769,7 +769,6 @@ mod tests {
     use super::*;
 
     fn authenticator(extra: &str) -> Authenticator {
-        // SAFETY of the test: a unique variable name per test binary.
         let config: AuthConfig = toml::from_str(&format!(
             "issuer = \"cordon-test\"\naudience = [\"cordon\"]\n{extra}"
         ))
