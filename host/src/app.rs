@@ -87,7 +87,6 @@ fn record_reloads(registry: &Arc<RegistryHandle>, audit: &AuditLog) {
             };
             audit.record_detached(AuditEvent {
                 event: EventKind::Reload,
-                transport: Some("watch".into()),
                 outcome: Some(outcome.into()),
                 reason: Some(format!(
                     "generation {}: {} tool(s), {} problem(s)",

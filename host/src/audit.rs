@@ -269,10 +269,9 @@ impl AuditEvent {
     /// Sets `args_digest` from `args` and, when `include` is true (the
     /// tenant's policy asks for full arguments), `arguments` to `args` with
     /// `redact_keys` redacted.
-    pub fn with_arguments(mut self, args: &Value, include: bool, redact_keys: &[String]) -> Self {
-        self.args_digest = Some(args_digest(args));
-        self.arguments = include.then(|| redact(args, redact_keys));
-        self
+    pub fn with_arguments(self, args: &Value, include: bool, redact_keys: &[String]) -> Self {
+        let serialized = serde_json::to_vec(args).unwrap_or_default();
+        self.with_serialized_arguments(args, &serialized, include, redact_keys)
     }
 
     /// [`AuditEvent::with_arguments`], with `serialized` = `args` as serde_json

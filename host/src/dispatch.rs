@@ -48,6 +48,20 @@ impl Principal {
     }
 }
 
+/// The audit record of `principal` using a session another caller opened
+/// (every transport answers it as an unknown session).
+pub fn foreign_session_event(principal: &Principal, transport: &str) -> AuditEvent {
+    AuditEvent {
+        event: EventKind::AuthFailure,
+        tenant: Some(principal.tenant.clone()),
+        subject: Some(principal.subject.clone()),
+        transport: Some(transport.to_owned()),
+        outcome: Some("denied".into()),
+        reason: Some("session_of_another_caller".into()),
+        ..AuditEvent::default()
+    }
+}
+
 /// Where a request came from, for the audit record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallOrigin {

@@ -325,15 +325,10 @@ pub async fn check(State(gate): State<Gate>, mut request: Request, next: Next) -
             && !owner.same_caller(&principal)
         {
             tracing::warn!(tenant = %principal.tenant, "request for a session opened by another caller");
-            gate.audit_failure(AuditEvent {
-                event: EventKind::AuthFailure,
-                tenant: Some(principal.tenant.clone()),
-                subject: Some(principal.subject.clone()),
-                transport: Some("streamable-http".into()),
-                outcome: Some("denied".into()),
-                reason: Some("session_of_another_caller".into()),
-                ..AuditEvent::default()
-            });
+            gate.audit_failure(crate::dispatch::foreign_session_event(
+                &principal,
+                "streamable-http",
+            ));
             return (StatusCode::NOT_FOUND, "Not Found: Session not found").into_response();
         }
     }

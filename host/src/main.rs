@@ -42,6 +42,17 @@ struct ConfigArg {
     config: Option<PathBuf>,
 }
 
+/// Who local use (`call`, `stdio`) acts as.
+#[derive(clap::Args)]
+struct PrincipalArgs {
+    /// The tenant whose grants and policy apply (default: `server.local_tenant`).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// A role (repeatable; default: `server.local_roles`).
+    #[arg(long = "role")]
+    roles: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Work with database files (see `[databases]` in the config).
@@ -62,12 +73,8 @@ enum Command {
     Stdio {
         #[command(flatten)]
         config: ConfigArg,
-        /// The tenant whose grants and policy apply (default: `server.local_tenant`).
-        #[arg(long)]
-        tenant: Option<String>,
-        /// Roles of the local principal (repeatable; default: `server.local_roles`).
-        #[arg(long = "role")]
-        roles: Vec<String>,
+        #[command(flatten)]
+        principal: PrincipalArgs,
     },
     /// Work with the loaded tools.
     Tools {
@@ -78,12 +85,8 @@ enum Command {
     Call {
         #[command(flatten)]
         config: ConfigArg,
-        /// The tenant whose grants and policy apply (default: `server.local_tenant`).
-        #[arg(long)]
-        tenant: Option<String>,
-        /// Roles to call with (repeatable; default: `server.local_roles`).
-        #[arg(long = "role")]
-        roles: Vec<String>,
+        #[command(flatten)]
+        principal: PrincipalArgs,
         /// The tool name.
         tool: String,
         /// The arguments, a JSON object.
@@ -310,13 +313,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             serve(config, path).await
         }
-        Command::Stdio {
-            config,
-            tenant,
-            roles,
-        } => {
+        Command::Stdio { config, principal } => {
             let config = load_config(&config)?;
-            let principal = local_principal(&config, tenant, roles, "stdio")?;
+            let principal = local_principal(&config, principal, "stdio")?;
             let app = App::open(config, true).await?;
             report_problems(&app);
             let handler = cordon::mcp::McpHandler::new(app.dispatcher.clone(), principal)
@@ -363,15 +362,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Call {
             config,
-            tenant,
-            roles,
+            principal,
             tool,
             arguments,
         } => {
             let arguments: serde_json::Value = serde_json::from_str(&arguments)
                 .context("the arguments must be a JSON object, e.g. '{\"text\":\"hi\"}'")?;
             let config = load_config(&config)?;
-            let principal = local_principal(&config, tenant, roles, "cli")?;
+            let principal = local_principal(&config, principal, "cli")?;
             let app = App::open(config, false).await?;
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let printer = tokio::spawn(async move {
@@ -504,17 +502,16 @@ async fn inspect(file: &Path) -> anyhow::Result<ExitCode> {
 /// line, or `server.local_tenant` / `server.local_roles`.
 fn local_principal(
     config: &Config,
-    tenant: Option<String>,
-    roles: Vec<String>,
+    args: PrincipalArgs,
     subject: &str,
 ) -> anyhow::Result<Principal> {
     let mut principal = config.server.local_principal();
     principal.subject = subject.into();
-    if let Some(tenant) = tenant {
+    if let Some(tenant) = args.tenant {
         principal.tenant = tenant;
     }
-    if !roles.is_empty() {
-        principal.roles = roles;
+    if !args.roles.is_empty() {
+        principal.roles = args.roles;
     }
     if !cordon::config::valid_tenant_id(&principal.tenant) {
         anyhow::bail!(
@@ -644,7 +641,11 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<E
     };
     let server = config.server.clone();
     let dev_token = if demo {
-        let principal = local_principal(&config, None, Vec::new(), "demo-user")?;
+        let defaults = PrincipalArgs {
+            tenant: None,
+            roles: Vec::new(),
+        };
+        let principal = local_principal(&config, defaults, "demo-user")?;
         Some(authenticator.issue(&principal, std::time::Duration::from_secs(12 * 3600), None)?)
     } else {
         None

@@ -112,19 +112,20 @@ impl McpHandler {
     }
 }
 
-/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`),
-/// when it is well-formed and not all zeros.
-fn trace_id_of(traceparent: &str) -> Option<String> {
-    let mut parts = traceparent.split('-');
-    let (version, trace_id, parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+/// Whether `traceparent` is a well-formed W3C `traceparent`
+/// (`00-<32 hex>-<16 hex>-<2 hex>`) with a trace id that is not all zeros.
+fn is_traceparent(traceparent: &str) -> bool {
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex(version, 2)
-        && hex(trace_id, 32)
-        && hex(parent, 16)
-        && hex(flags, 2)
-        && trace_id.bytes().any(|b| b != b'0'))
-    .then(|| trace_id.to_ascii_lowercase())
+    match traceparent.split('-').collect::<Vec<_>>()[..] {
+        [version, trace_id, parent, flags] => {
+            hex(version, 2)
+                && hex(trace_id, 32)
+                && hex(parent, 16)
+                && hex(flags, 2)
+                && trace_id.bytes().any(|b| b != b'0')
+        }
+        _ => false,
+    }
 }
 
 fn from_mcp_level(level: LoggingLevel) -> LogLevel {
@@ -248,7 +249,7 @@ impl ServerHandler for McpHandler {
             .meta
             .get("traceparent")
             .and_then(|v| v.as_str())
-            .filter(|tp| trace_id_of(tp).is_some())
+            .filter(|tp| is_traceparent(tp))
             .map(str::to_ascii_lowercase);
         let progress_token = context.meta.get_progress_token();
         let log_level = context

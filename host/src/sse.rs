@@ -343,15 +343,7 @@ async fn deliver(sse: &SseTransport, request: Request) -> Result<(), Refusal> {
         sse.shared
             .dispatcher
             .audit()
-            .record_detached(crate::audit::AuditEvent {
-                event: crate::audit::EventKind::AuthFailure,
-                tenant: Some(principal.tenant.clone()),
-                subject: Some(principal.subject.clone()),
-                transport: Some("sse".into()),
-                outcome: Some("denied".into()),
-                reason: Some("session_of_another_caller".into()),
-                ..Default::default()
-            });
+            .record_detached(crate::dispatch::foreign_session_event(&principal, "sse"));
         return Err(Refusal::session_not_found());
     }
     if !is_json(request.headers()) {
