@@ -28,9 +28,17 @@ async fn every_token_attack_gets_401_and_an_audit_record() {
     let payload = b64(good.to_string().as_bytes());
     let rsa_public = std::fs::read(keys_dir().join("rsa-public.pem")).unwrap();
     let valid = token("acme", &["viewer"]);
-    let mut bad_signature = valid.clone();
-    let last = bad_signature.pop().unwrap();
-    bad_signature.push(if last == 'A' { 'B' } else { 'A' });
+    // Change the signature's first character: the last one also carries
+    // padding bits, and a strict base64url decoder rejects most changes there
+    // as malformed before any signature is checked.
+    let signature_start = valid.rfind('.').unwrap() + 1;
+    let first = &valid[signature_start..=signature_start];
+    let bad_signature = format!(
+        "{}{}{}",
+        &valid[..signature_start],
+        if first == "A" { "B" } else { "A" },
+        &valid[signature_start + 1..]
+    );
 
     let cases: Vec<(&str, Option<String>, &str, &str)> = vec![
         ("no token", None, "", "missing"),
