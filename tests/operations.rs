@@ -266,6 +266,7 @@ fn broken_configs() -> Vec<(&'static str, String, &'static str)> {
         ("memory over the ceiling", "[auth]\nmode = \"none\"\n[limits]\nmemory_mib = 100000\n".into(), "limits.memory_mib"),
         ("missing tools dir", "[auth]\nmode = \"none\"\n[runtime]\ntools_dir = \"nowhere\"\n".into(), "runtime.tools_dir"),
         ("grant escaping the data root", "[auth]\nmode = \"none\"\n[tools.notes]\ndirs = [{ path = \"../x\", guest = \"/x\" }]\n".into(), "tools.notes.dirs[0].path"),
+        ("keeping more resident than a memory holds", "[auth]\nmode = \"none\"\n[runtime.engine]\nmax_memory_mib = 16\nkeep_resident_kib = 32768\n".into(), "runtime.engine.keep_resident_kib"),
         ("audit batch of 0 ms", "[auth]\nmode = \"none\"\n[audit]\nbatch_ms = 0\n".into(), "audit.batch_ms"),
         ("missing HS secret file", "[[auth.jwt_keys]]\nalgorithms = [\"HS256\"]\nsecret_file = \"missing.secret\"\n[tenants.a]\n".into(), "auth.jwt_keys[0]"),
         ("key without algorithms", "[[auth.jwt_keys]]\nsecret_env = \"X\"\n[tenants.a]\n".into(), "auth.jwt_keys[0]"),

@@ -325,3 +325,25 @@ async fn a_fuel_budget_stops_a_spinning_guest() {
         ok.stats
     );
 }
+
+/// Instance slots are reused, and the pages a call dirtied are reset in place
+/// (`runtime.engine.keep_resident_kib`) or handed back to the kernel: either
+/// way no call may see what an earlier one left in memory, one after another
+/// (the same slot again) or side by side (several slots).
+#[tokio::test]
+async fn no_call_sees_the_memory_of_an_earlier_one() {
+    let sandbox = hostile().await;
+    for _ in 0..20 {
+        assert_eq!(
+            text(&sandbox.ok("leave_traces", json!({})).await),
+            "fresh memory"
+        );
+    }
+    for _ in 0..3 {
+        let calls = (0..8).map(|_| sandbox.call("leave_traces", json!({})));
+        for outcome in futures::future::join_all(calls).await {
+            let result = outcome.result.expect("leave_traces");
+            assert_eq!(text(&result), "fresh memory");
+        }
+    }
+}

@@ -17,7 +17,8 @@
 //!    against all three off, and with audit durability `always`.
 //!
 //! Run: `cargo bench -p cordon --bench transport` (prints the figures that
-//! BENCHMARKS.md records); `-- tenancy` runs section 4 alone.
+//! BENCHMARKS.md records); `-- throughput` runs section 1 alone, `-- tenancy`
+//! section 4 alone.
 //!
 //! In 1 and 2 the servers run on one tokio runtime and the load driver on
 //! another, in this process (two worker threads each, like two processes
@@ -478,6 +479,12 @@ impl LoadFigures {
     }
 }
 
+/// Whether the command line asks to leave something out (`wasm-only`,
+/// `native-only`).
+fn skip(flag: &str) -> bool {
+    std::env::args().any(|a| a == flag)
+}
+
 fn throughput(
     clients_rt: &tokio::runtime::Runtime,
     wasm: SocketAddr,
@@ -503,6 +510,10 @@ fn throughput(
                 [(false, native), (true, wasm)]
             };
             for (is_wasm, addr) in order {
+                // For profiling one side alone: `-- throughput wasm-only`.
+                if skip(if is_wasm { "native-only" } else { "wasm-only" }) {
+                    continue;
+                }
                 let samples = clients_rt.block_on(load(mcp_uri(addr), clients))?;
                 let rate = samples.len() as f64 / MEASURE.as_secs_f64();
                 if is_wasm {
@@ -522,6 +533,15 @@ fn throughput(
             rates: native_rates,
             samples: Samples::new(native_samples),
         });
+        if skip("wasm-only") || skip("native-only") {
+            println!("clients = {clients}: one side only, no ratio");
+            for (label, f) in [("cordon wasm", &figures[0]), ("native rmcp", &figures[1])] {
+                if !f.rates.is_empty() {
+                    println!("   {}", f.line(label));
+                }
+            }
+            continue;
+        }
         let ratio = figures[0].median_rate() / figures[1].median_rate();
         println!("clients = {clients}");
         println!("   {}", figures[0].line("cordon wasm"));
@@ -814,6 +834,9 @@ fn main() -> anyhow::Result<()> {
     })?;
 
     throughput(&clients_rt, wasm, native)?;
+    if std::env::args().any(|a| a == "throughput") {
+        return Ok(());
+    }
 
     let (stateless, in_session) = clients_rt.block_on(out_of_the_box(default))?;
     println!(

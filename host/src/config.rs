@@ -199,6 +199,9 @@ pub struct EngineConfig {
     pub fuel: bool,
     /// Epoch tick in milliseconds.
     pub epoch_tick_ms: u64,
+    /// Dirty memory per instance slot reset in place rather than returned
+    /// to the kernel, in KiB.
+    pub keep_resident_kib: u64,
 }
 
 impl Default for EngineConfig {
@@ -209,6 +212,7 @@ impl Default for EngineConfig {
             max_memory_mib: d.max_memory_bytes >> 20,
             fuel: d.fuel,
             epoch_tick_ms: d.epoch_tick_ms,
+            keep_resident_kib: d.keep_resident_bytes >> 10,
         }
     }
 }
@@ -473,6 +477,16 @@ impl Config {
                 "must be between 1 and 1000".into(),
             );
         }
+        if engine.keep_resident_kib > engine.max_memory_mib.saturating_mul(1024) {
+            problem(
+                "runtime.engine.keep_resident_kib".into(),
+                format!(
+                    "must be at most max_memory_mib ({} MiB = {} KiB)",
+                    engine.max_memory_mib,
+                    engine.max_memory_mib.saturating_mul(1024)
+                ),
+            );
+        }
         let tools_dir = self.tools_dir();
         if !tools_dir.is_dir() {
             problem(
@@ -735,6 +749,7 @@ impl Config {
             max_memory_bytes: e.max_memory_mib << 20,
             fuel: e.fuel,
             epoch_tick_ms: e.epoch_tick_ms,
+            keep_resident_bytes: e.keep_resident_kib << 10,
         }
     }
 
