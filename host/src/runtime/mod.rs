@@ -362,6 +362,16 @@ fn log_stdio(tool: &str, stdio: &state::Stdio) {
     }
 }
 
+/// How much dirty memory per slot is reset in place: the configured budget
+/// where the kernel has PAGEMAP_SCAN, else none.
+pub fn in_place_reset_bytes(settings: &EngineSettings) -> u64 {
+    if settings.keep_resident_bytes > 0 && PoolingAllocationConfig::is_pagemap_scan_available() {
+        settings.keep_resident_bytes
+    } else {
+        0
+    }
+}
+
 /// The most of each table slot kept resident: tables are small next to
 /// linear memories (a Rust tool's is a few KiB).
 const TABLE_KEEP_RESIDENT: usize = 64 << 10;
@@ -390,14 +400,19 @@ fn engine_config(settings: &EngineSettings) -> Config {
     // A fresh instance would otherwise start on pages the kernel just took
     // away: a page fault per page it touches (copy-on-write for its data)
     // and a TLB shootdown across CPUs for each release. With PAGEMAP_SCAN
-    // (Linux 6.7+; without it wasmtime falls back to the above) only the
-    // pages the last call dirtied are reset, in place, before the slot is
-    // reused; the next instance sees exactly the module's initial memory,
-    // as with madvise. Costs at most this much resident memory per used slot.
-    let keep_resident = usize::try_from(settings.keep_resident_bytes).unwrap_or(usize::MAX);
+    // only the pages the last call dirtied are reset, in place, before the
+    // slot is reused; the next instance sees exactly the module's initial
+    // memory, as with madvise. Costs at most this much resident memory per
+    // used slot. Without the ioctl (Linux < 6.7) wasmtime would memset the
+    // whole budget on every release, which costs more than the faults.
+    let keep_resident = usize::try_from(in_place_reset_bytes(settings)).unwrap_or(usize::MAX);
     pool.linear_memory_keep_resident(keep_resident)
         .table_keep_resident(keep_resident.min(TABLE_KEEP_RESIDENT))
-        .pagemap_scan(wasmtime::Enabled::Auto);
+        .pagemap_scan(if keep_resident > 0 {
+            wasmtime::Enabled::Yes
+        } else {
+            wasmtime::Enabled::No
+        });
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
 }
