@@ -58,8 +58,8 @@ pub struct Tool {
     /// asks: every call runs in a fresh instance and rebuilds the tool list,
     /// so deriving schemas eagerly would cost every call tens of microseconds.
     definition: ToolDefinition,
-    input_schema: Option<Value>,
-    output_schema: Option<Value>,
+    input_schema: Option<GivenSchema>,
+    output_schema: Option<GivenSchema>,
     derive_schemas: fn() -> (Value, Option<Value>),
     call: Call,
 }
@@ -99,12 +99,12 @@ impl Tool {
         let derived =
             (self.input_schema.is_none() || self.output_schema.is_none()).then(self.derive_schemas);
         let input_schema = match (&self.input_schema, &derived) {
-            (Some(schema), _) => schema.clone(),
+            (Some(schema), _) => schema.build(),
             (None, Some((derived, _))) => derived.clone(),
             (None, None) => unreachable!("derived above when no input schema is set"),
         };
         let output_schema = match (&self.output_schema, derived) {
-            (Some(schema), _) => Some(schema.clone()),
+            (Some(schema), _) => Some(schema.build()),
             (None, Some((_, derived))) => derived,
             (None, None) => None,
         };
@@ -145,8 +145,27 @@ pub struct ToolBuilder {
     description: String,
     title: Option<String>,
     annotations: Annotations,
-    input_schema: Option<Value>,
-    output_schema: Option<Value>,
+    input_schema: Option<GivenSchema>,
+    output_schema: Option<GivenSchema>,
+}
+
+/// A schema the tool's author gives instead of the derived one.
+#[derive(Debug, Clone)]
+enum GivenSchema {
+    Value(Value),
+    /// Built only when `list-tools` asks: the tool table is rebuilt on every
+    /// call (each runs in a fresh instance), and a schema written with
+    /// `json!` allocates a whole tree each time it is built.
+    Lazy(fn() -> Value),
+}
+
+impl GivenSchema {
+    fn build(&self) -> Value {
+        match self {
+            GivenSchema::Value(schema) => schema.clone(),
+            GivenSchema::Lazy(build) => build(),
+        }
+    }
 }
 
 impl ToolBuilder {
@@ -208,7 +227,15 @@ impl ToolBuilder {
     /// handler's argument type (for example with a handler over
     /// [`serde_json::Value`]). It must be an object schema (`"type": "object"`).
     pub fn input_schema(mut self, schema: Value) -> Self {
-        self.input_schema = Some(schema);
+        self.input_schema = Some(GivenSchema::Value(schema));
+        self
+    }
+
+    /// Like [`input_schema`](Self::input_schema), but `build` runs only when
+    /// the host lists the tools (once per load), not on every call. Prefer it
+    /// for any schema bigger than a line: every call rebuilds the tool table.
+    pub fn input_schema_with(mut self, build: fn() -> Value) -> Self {
+        self.input_schema = Some(GivenSchema::Lazy(build));
         self
     }
 
@@ -216,7 +243,14 @@ impl ToolBuilder {
     /// handler's return type. Results must then carry structured content that
     /// matches it (see [`Output::json`](crate::Output::json)).
     pub fn output_schema(mut self, schema: Value) -> Self {
-        self.output_schema = Some(schema);
+        self.output_schema = Some(GivenSchema::Value(schema));
+        self
+    }
+
+    /// Like [`output_schema`](Self::output_schema), but `build` runs only
+    /// when the host lists the tools (once per load), not on every call.
+    pub fn output_schema_with(mut self, build: fn() -> Value) -> Self {
+        self.output_schema = Some(GivenSchema::Lazy(build));
         self
     }
 
@@ -419,6 +453,16 @@ mod tests {
             Tool::new("raw", "Raw schema.")
                 .input_schema(json!({"type": "object", "properties": {"x": {"type": "integer"}}}))
                 .run(|v: serde_json::Value| Output::json(v)),
+            Tool::new("lazy", "Schemas built when listed.")
+                .input_schema_with(
+                    || json!({"type": "object", "properties": {"y": {"type": "string"}}}),
+                )
+                .output_schema_with(
+                    || json!({"type": "object", "properties": {"z": {"type": "number"}}}),
+                )
+                .run(|v: serde_json::Value| {
+                    Output::json(json!({"z": v.as_object().map_or(0, |o| o.len())}))
+                }),
             Tool::new("any", "Any object.").run(|v: serde_json::Value| Output::json(v)),
             Tool::new("fail", "Fails.").run(|| -> ToolResult { Err(ToolError::failed("broken")) }),
         ]
@@ -458,6 +502,8 @@ mod tests {
         );
         assert_eq!(schema("any", false)["type"], "object");
         assert_eq!(schema("raw", false)["properties"]["x"]["type"], "integer");
+        assert_eq!(schema("lazy", false)["properties"]["y"]["type"], "string");
+        assert_eq!(schema("lazy", true)["properties"]["z"]["type"], "number");
     }
 
     #[test]

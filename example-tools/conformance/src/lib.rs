@@ -210,7 +210,7 @@ cordon_guest::export_tools!(
         "Tool with JSON Schema 2020-12 features"
     )
     .read_only()
-    .input_schema(json_schema_2020_12_input())
+    .input_schema_with(json_schema_2020_12_input)
     .run(json_schema_2020_12_tool),
     Tool::new("echo", "Returns its message unchanged.")
         .read_only()
