@@ -29,15 +29,14 @@ impl App {
     pub async fn open(config: Config, allow_watch: bool) -> anyhow::Result<App> {
         crate::metrics::init();
         let databases = crate::db::Databases::open(&config.databases, &config.base_dir)?;
-        let settings = config.engine_settings();
-        if settings.keep_resident_bytes > 0 && crate::runtime::in_place_reset_bytes(&settings) == 0
-        {
+        let runtime = Runtime::new(config.engine_settings())?;
+        if runtime.settings().keep_resident_bytes > 0 && runtime.in_place_reset_bytes() == 0 {
             tracing::info!(
                 "this kernel lacks PAGEMAP_SCAN (Linux 6.7+): instance memory goes back to the \
                  kernel after every call and runtime.engine.keep_resident_kib has no effect"
             );
         }
-        let runtime = Arc::new(Runtime::new(settings)?.with_databases(Arc::new(databases)));
+        let runtime = Arc::new(runtime.with_databases(Arc::new(databases)));
         let cache = CompileCache::new(runtime.engine(), config.cache_dir()).with_context(|| {
             format!(
                 "cannot create the compile cache directory {:?} (runtime.cache_dir)",

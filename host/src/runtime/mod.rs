@@ -132,6 +132,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     settings: EngineSettings,
+    in_place_reset_bytes: u64,
     databases: Arc<crate::db::Databases>,
     _ticker: EpochTicker,
 }
@@ -148,7 +149,8 @@ impl Runtime {
     /// Creates the engine (pooling allocator, epoch interruption) and links
     /// WASI 0.2 and the `cordon:tool` host interfaces.
     pub fn new(settings: EngineSettings) -> anyhow::Result<Self> {
-        let engine = Engine::new(&engine_config(&settings))
+        let in_place_reset_bytes = in_place_reset_bytes(&settings);
+        let engine = Engine::new(&engine_config(&settings, in_place_reset_bytes))
             .map_err(|e| anyhow::anyhow!("cannot create the wasm engine: {e}"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -166,9 +168,16 @@ impl Runtime {
             engine,
             linker,
             settings,
+            in_place_reset_bytes,
             databases: Arc::default(),
             _ticker: ticker,
         })
+    }
+
+    /// Dirty memory per instance slot that is reset in place when a call
+    /// ends: `keep_resident_bytes` where the kernel has PAGEMAP_SCAN, else 0.
+    pub fn in_place_reset_bytes(&self) -> u64 {
+        self.in_place_reset_bytes
     }
 
     /// The database backends calls use.
@@ -364,7 +373,7 @@ fn log_stdio(tool: &str, stdio: &state::Stdio) {
 
 /// How much dirty memory per slot is reset in place: the configured budget
 /// where the kernel has PAGEMAP_SCAN, else none.
-pub fn in_place_reset_bytes(settings: &EngineSettings) -> u64 {
+fn in_place_reset_bytes(settings: &EngineSettings) -> u64 {
     if settings.keep_resident_bytes > 0 && PoolingAllocationConfig::is_pagemap_scan_available() {
         settings.keep_resident_bytes
     } else {
@@ -376,7 +385,7 @@ pub fn in_place_reset_bytes(settings: &EngineSettings) -> u64 {
 /// linear memories (a Rust tool's is a few KiB).
 const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 
-fn engine_config(settings: &EngineSettings) -> Config {
+fn engine_config(settings: &EngineSettings, in_place_reset_bytes: u64) -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
@@ -405,7 +414,7 @@ fn engine_config(settings: &EngineSettings) -> Config {
     // memory, as with madvise. Costs at most this much resident memory per
     // used slot. Without the ioctl (Linux < 6.7) wasmtime would memset the
     // whole budget on every release, which costs more than the faults.
-    let keep_resident = usize::try_from(in_place_reset_bytes(settings)).unwrap_or(usize::MAX);
+    let keep_resident = usize::try_from(in_place_reset_bytes).unwrap_or(usize::MAX);
     pool.linear_memory_keep_resident(keep_resident)
         .table_keep_resident(keep_resident.min(TABLE_KEEP_RESIDENT))
         .pagemap_scan(if keep_resident > 0 {
