@@ -1234,18 +1234,11 @@ impl Writer {
                     if !self.flush_requested && !wait.is_zero() {
                         std::thread::sleep(wait);
                     }
-                    let mut closed = false;
-                    loop {
-                        match rx.try_recv() {
-                            Ok(msg) => self.accept(msg),
-                            Err(mpsc::TryRecvError::Empty) => break,
-                            Err(mpsc::TryRecvError::Disconnected) => {
-                                closed = true;
-                                break;
-                            }
-                        }
+                    if self.drain(&rx, usize::MAX) {
+                        Next::Closed
+                    } else {
+                        Next::Timeout
                     }
-                    if closed { Next::Closed } else { Next::Timeout }
                 }
                 _ => rx.recv().map_or(Next::Closed, Next::Msg),
             };
@@ -1261,18 +1254,7 @@ impl Writer {
                 }
             }
             // Group commit: take everything already queued into this write.
-            let mut closed = false;
-            for _ in 1..MAX_BATCH_MESSAGES {
-                match rx.try_recv() {
-                    Ok(msg) => self.accept(msg),
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        closed = true;
-                        break;
-                    }
-                }
-            }
-            if closed {
+            if self.drain(&rx, MAX_BATCH_MESSAGES - 1) {
                 self.commit();
                 return;
             }
@@ -1288,6 +1270,19 @@ impl Writer {
                 self.commit();
             }
         }
+    }
+
+    /// Accepts up to `max` messages already queued, without waiting; true
+    /// when every sender is gone.
+    fn drain(&mut self, rx: &mpsc::Receiver<Msg>, max: usize) -> bool {
+        for _ in 0..max {
+            match rx.try_recv() {
+                Ok(msg) => self.accept(msg),
+                Err(mpsc::TryRecvError::Empty) => return false,
+                Err(mpsc::TryRecvError::Disconnected) => return true,
+            }
+        }
+        false
     }
 
     fn accept(&mut self, msg: Msg) {
