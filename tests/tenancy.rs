@@ -594,9 +594,18 @@ async fn the_audit_chain_verifies_after_load_and_any_tampering_is_found() {
     }
     let _ = list_with(&served.http, None, "/mcp").await;
     let log = setup.audit_log();
-    // Batched records reach the disk within `batch_ms`; then stop the server.
+    // Batched records reach the disk within `batch_ms`. Stop the server the
+    // way an operator does: SIGTERM flushes the log and moves the head file
+    // to its last record. (A SIGKILL may leave the head one fsync behind,
+    // which `verify` accepts; then cutting the last record would go unseen.)
     assert!(audit_records(&log, 41).len() >= 41);
-    drop(served);
+    let mut served = served;
+    served.process.signal("TERM");
+    let status = served
+        .process
+        .wait_exit(Duration::from_secs(20))
+        .expect("cordon exits after SIGTERM");
+    assert!(status.success(), "{status}: {}", served.process.log());
     let verify = |path: &Path| {
         let out = cordon()
             .args(["audit", "verify"])
@@ -614,6 +623,10 @@ async fn the_audit_chain_verifies_after_load_and_any_tampering_is_found() {
     };
     let (ok, report) = verify(&log);
     assert!(ok, "{report}");
+    assert!(
+        report.contains("head file matches the last record"),
+        "after a clean stop the head names the last record: {report}"
+    );
 
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text.lines().collect();
