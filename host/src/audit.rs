@@ -312,15 +312,29 @@ impl AuditRecord {
     }
 }
 
-/// The canonical bytes: the record without `hash`. Field order here is the
-/// format; [`AuditRecord`] must list the same fields in the same order.
-#[derive(Serialize)]
-struct CanonicalRecord<'a> {
-    seq: u64,
-    time: &'a str,
-    #[serde(flatten)]
-    event: &'a AuditEvent,
-    prev: &'a str,
+/// An event serialized by the thread that records it: `{"event":…}` with
+/// its members in the format's order. The writer thread, which every
+/// record passes through one at a time, then only numbers, chains and
+/// hashes; the serialization (and the freeing of the event's strings) stays
+/// on the caller's thread.
+struct EncodedEvent(Vec<u8>);
+
+impl EncodedEvent {
+    fn new(mut event: AuditEvent) -> Result<EncodedEvent, AuditError> {
+        event.duration_ms = event
+            .duration_ms
+            .map(|ms| (ms * 1000.0).round() / 1000.0)
+            .filter(|ms| ms.is_finite());
+        let bytes = serde_json::to_vec(&event).map_err(|e| AuditError::Serialize(Arc::new(e)))?;
+        // `event` is never skipped, so the object has at least one member.
+        debug_assert!(bytes.starts_with(b"{\"event\":") && bytes.ends_with(b"}"));
+        Ok(EncodedEvent(bytes))
+    }
+
+    /// The members, without the object's braces.
+    fn members(&self) -> &[u8] {
+        &self.0[1..self.0.len() - 1]
+    }
 }
 
 /// The sidecar `<log>.head`.
@@ -946,7 +960,7 @@ type Done = oneshot::Sender<Result<(), AuditError>>;
 
 enum Msg {
     Record {
-        event: Box<AuditEvent>,
+        event: EncodedEvent,
         time: SystemTime,
         done: Option<Done>,
     },
@@ -1180,7 +1194,7 @@ impl Inner {
     fn send(&self, event: AuditEvent, done: Option<Done>) -> Result<(), AuditError> {
         let tx = self.tx.as_ref().ok_or(AuditError::Closed)?;
         let msg = Msg::Record {
-            event: Box::new(event),
+            event: EncodedEvent::new(event)?,
             time: SystemTime::now(),
             done,
         };
@@ -1291,49 +1305,43 @@ impl Writer {
                 self.flushers.push(done);
                 self.flush_requested = true;
             }
-            Msg::Record { event, time, done } => match self.append(*event, time) {
-                Ok(()) => {
-                    self.dirty_since.get_or_insert_with(Instant::now);
-                    if let Some(done) = done {
-                        self.waiters.push(done);
-                    }
+            Msg::Record { event, time, done } => {
+                self.append(&event, time);
+                self.dirty_since.get_or_insert_with(Instant::now);
+                if let Some(done) = done {
+                    self.waiters.push(done);
                 }
-                Err(e) => match done {
-                    Some(done) => {
-                        let _ = done.send(Err(e));
-                    }
-                    None => tracing::error!(error = %e, "audit record dropped"),
-                },
-            },
+            }
         }
     }
 
-    /// Numbers, chains and encodes one record into `pending`.
-    fn append(&mut self, mut event: AuditEvent, time: SystemTime) -> Result<(), AuditError> {
-        event.duration_ms = event
-            .duration_ms
-            .map(|ms| (ms * 1000.0).round() / 1000.0)
-            .filter(|ms| ms.is_finite());
-        let time = format_time(time);
-        let body = serde_json::to_vec(&CanonicalRecord {
-            seq: self.next_seq,
-            time: &time,
-            event: &event,
-            prev: &self.last_hash,
-        })
-        .map_err(|e| AuditError::Serialize(Arc::new(e)))?;
-        let Some((&b'}', members)) = body.split_last() else {
-            let e = <serde_json::Error as serde::ser::Error>::custom("not a JSON object");
-            return Err(AuditError::Serialize(Arc::new(e)));
-        };
-        let hash = sha256_hex(&body);
-        self.pending.extend_from_slice(members);
+    /// Numbers and chains one record into `pending`: its canonical bytes
+    /// are `{"seq":…,"time":…,<event members>,"prev":…}`, and the line ends
+    /// with `,"hash":…}` in place of the closing brace.
+    fn append(&mut self, event: &EncodedEvent, time: SystemTime) {
+        let start = self.pending.len();
+        // Writing to a Vec cannot fail; RFC 3339 times need no escaping.
+        let _ = write!(
+            self.pending,
+            "{{\"seq\":{},\"time\":\"{}\",",
+            self.next_seq,
+            rfc3339(time)
+        );
+        self.pending.extend_from_slice(event.members());
+        self.pending.extend_from_slice(b",\"prev\":\"");
+        self.pending.extend_from_slice(self.last_hash.as_bytes());
+        self.pending.push(b'"');
+        let hash = hex::encode(
+            Sha256::new()
+                .chain_update(&self.pending[start..])
+                .chain_update(b"}")
+                .finalize(),
+        );
         self.pending.extend_from_slice(HASH_MEMBER);
         self.pending.extend_from_slice(hash.as_bytes());
         self.pending.extend_from_slice(b"\"}\n");
         self.next_seq += 1;
         self.last_hash = hash;
-        Ok(())
     }
 
     /// Writes and syncs `pending`, answers the records' waiters, moves the
@@ -1459,13 +1467,18 @@ impl Writer {
 
 /// RFC 3339 UTC with milliseconds, clamped to what RFC 3339 can express
 /// (1970 to 9999) so formatting never fails.
-fn format_time(time: SystemTime) -> String {
+fn rfc3339(time: SystemTime) -> humantime::Rfc3339Timestamp {
     const LAST_SECOND_OF_9999: u64 = 253_402_300_799;
     let since_epoch = time
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .min(Duration::from_secs(LAST_SECOND_OF_9999));
-    humantime::format_rfc3339_millis(UNIX_EPOCH + since_epoch).to_string()
+    humantime::format_rfc3339_millis(UNIX_EPOCH + since_epoch)
+}
+
+#[cfg(test)]
+fn format_time(time: SystemTime) -> String {
+    rfc3339(time).to_string()
 }
 
 /// Parses an RFC 3339 time (`2025-01-31T12:00:00Z`, fractional seconds and
@@ -1852,6 +1865,59 @@ mod tests {
         log.record_detached(call("late", "echo", 1));
         drop(log);
         assert_eq!(verify(&path).expect("verify").records, 1601);
+    }
+
+    /// The writer assembles lines from pieces; they must be exactly what
+    /// the module documentation defines: serde's compact serialization of
+    /// `seq`, `time`, the event's members and `prev`, in that order, then
+    /// `hash` over those bytes.
+    #[tokio::test]
+    async fn lines_are_the_documented_canonical_serialization() {
+        #[derive(Serialize)]
+        struct Canonical<'a> {
+            seq: u64,
+            time: &'a str,
+            #[serde(flatten)]
+            event: &'a AuditEvent,
+            prev: &'a str,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let log = open(&path, Durability::Always);
+        let full = AuditEvent {
+            session: Some("s-1".into()),
+            subject: Some("ann \"quoted\" \u{1F600}\n".into()),
+            component_sha256: Some("ab".repeat(32)),
+            reason: Some("tab\there".into()),
+            peak_memory_bytes: Some(65_536),
+            remote: Some("127.0.0.1:9".into()),
+            ..call("acme", "echo", 4)
+        };
+        let events = [full, AuditEvent::new(EventKind::Reload), call("b", "x", 3)];
+        for event in &events {
+            log.record(event.clone()).await.expect("record");
+        }
+        drop(log);
+        let mut prev = GENESIS_HASH.to_owned();
+        for (i, (line, event)) in lines(&path).iter().zip(&events).enumerate() {
+            let record: AuditRecord = serde_json::from_str(line).expect("a record");
+            let mut expected_event = event.clone();
+            expected_event.duration_ms = event.duration_ms.map(|ms| (ms * 1000.0).round() / 1000.0);
+            assert_eq!(record.event, expected_event);
+            let canonical = serde_json::to_vec(&Canonical {
+                seq: i as u64 + 1,
+                time: &record.time,
+                event: &expected_event,
+                prev: &prev,
+            })
+            .expect("serialize");
+            let hash = sha256_hex(&canonical);
+            let mut expected_line = canonical[..canonical.len() - 1].to_vec();
+            expected_line.extend_from_slice(format!(",\"hash\":\"{hash}\"}}").as_bytes());
+            assert_eq!(String::from_utf8(expected_line).unwrap(), *line);
+            prev = hash;
+        }
+        assert_eq!(verify(&path).expect("verify").records, 3);
     }
 
     #[tokio::test]
