@@ -14,7 +14,8 @@
 //!
 //! 4. the price of tenancy: `tools/call` throughput with authentication (an
 //!    HS256 JWT on every request) + RBAC + audit (batched group commit)
-//!    against all three off, and with audit durability `always`.
+//!    against all three off, and with audit durability `always`;
+//!    `-- tenancy breakdown` adds authentication alone and audit alone.
 //!
 //! Run: `cargo bench -p cordon --bench transport` (prints the figures that
 //! BENCHMARKS.md records); `-- throughput`, `-- out-of-the-box` and
@@ -689,8 +690,8 @@ impl Drop for ServerChild {
     }
 }
 
-/// Authentication off, as in the sandbox configs: this bench measures the
-/// transports (`benches/tenancy.rs` measures authentication).
+/// Authentication off, as in the sandbox configs: sections 1-3 measure the
+/// transports (section 4 measures authentication).
 fn no_auth() -> std::sync::Arc<cordon::auth::Authenticator> {
     let config = cordon::auth::AuthConfig {
         mode: cordon::auth::AuthMode::None,
@@ -985,9 +986,29 @@ fn tenancy(
     };
     let shutdown = CancellationToken::new();
     let config = bench_config();
-    let off = servers_rt.block_on(common::Sandbox::new(&["conformance"], NO_TENANCY));
-    let batched = servers_rt.block_on(common::Sandbox::new(&["conformance"], &tenancy("batched")));
-    let always = servers_rt.block_on(common::Sandbox::new(&["conformance"], &tenancy("always")));
+    // (label, extra config, authenticated). With `breakdown`, two more
+    // servers split the cost into its authentication and audit parts.
+    let mut setups = vec![
+        ("all off", NO_TENANCY.to_owned(), false),
+        ("auth+rbac+audit batched", tenancy("batched"), true),
+        ("auth+rbac+audit always", tenancy("always"), true),
+    ];
+    if arg("breakdown") {
+        setups.push((
+            "auth+rbac, no audit",
+            tenancy("batched").replace("[audit]\n", "[audit]\nenabled = false\n"),
+            true,
+        ));
+        setups.push((
+            "audit batched, no auth",
+            "[audit]\npath = \"audit.jsonl\"\ndurability = \"batched\"\nbatch_ms = 50\n".to_owned(),
+            false,
+        ));
+    }
+    let sandboxes: Vec<common::Sandbox> = setups
+        .iter()
+        .map(|(_, extra, _)| servers_rt.block_on(common::Sandbox::new(&["conformance"], extra)))
+        .collect();
     let authenticator = |sandbox: &common::Sandbox| {
         let settings = sandbox.app.dispatcher.settings();
         Arc::new(
@@ -995,7 +1016,7 @@ fn tenancy(
                 .expect("bench keys load"),
         )
     };
-    let token = authenticator(&batched).issue(
+    let token = authenticator(&sandboxes[1]).issue(
         &cordon::dispatch::Principal {
             tenant: "bench".into(),
             subject: "bench".into(),
@@ -1007,11 +1028,12 @@ fn tenancy(
     let _ = TOKEN.set(token);
     let addrs = servers_rt.block_on(async {
         let mut addrs = Vec::new();
-        for (sandbox, auth) in [
-            (&off, no_auth()),
-            (&batched, authenticator(&batched)),
-            (&always, authenticator(&always)),
-        ] {
+        for (sandbox, (_, _, authenticated)) in sandboxes.iter().zip(&setups) {
+            let auth = if *authenticated {
+                authenticator(sandbox)
+            } else {
+                no_auth()
+            };
             let router = cordon::server::router(
                 sandbox.app.dispatcher.clone(),
                 auth,
@@ -1026,18 +1048,20 @@ fn tenancy(
         "\n4. tenancy: tools/call `echo`, stateless {STATELESS_VERSION}, {CLIENTS} clients, {} s measured per run, median of {ROUNDS} runs",
         MEASURE.as_secs()
     );
-    let labels = [
-        "all off",
-        "auth+rbac+audit batched",
-        "auth+rbac+audit always",
-    ];
-    let mut rates = vec![Vec::new(); 3];
-    let mut samples = vec![Vec::new(); 3];
-    let mut cpu_per_call = vec![Vec::new(); 3];
+    let n = setups.len();
+    let mut rates = vec![Vec::new(); n];
+    let mut samples = vec![Vec::new(); n];
+    let mut cpu_per_call = vec![Vec::new(); n];
+    // `only=I` loads server I alone (the others idle), for a profile of it.
+    let only: Option<usize> = std::env::args().find_map(|a| a.strip_prefix("only=")?.parse().ok());
+    anyhow::ensure!(only.is_none_or(|i| i < n), "only=I: I must be below {n}");
     for round in 0..ROUNDS {
         // Rotate the order so that drift hurts every server alike.
-        for k in 0..3 {
-            let i = (round + k) % 3;
+        for k in 0..n {
+            let i = (round + k) % n;
+            if only.is_some_and(|only| only != i) {
+                continue;
+            }
             let cpu_before = server_cpu_time()?;
             let run = clients_rt.block_on(load(mcp_uri(addrs[i]), CLIENTS))?;
             let cpu = server_cpu_time()? - cpu_before;
@@ -1049,6 +1073,18 @@ fn tenancy(
             samples[i].extend(run);
         }
     }
+    if let Some(i) = only {
+        let mut cpu = std::mem::take(&mut cpu_per_call[i]);
+        cpu.sort_by(f64::total_cmp);
+        let figures = LoadFigures {
+            rates: std::mem::take(&mut rates[i]),
+            samples: Samples::new(std::mem::take(&mut samples[i])),
+        };
+        println!("   {}", figures.line(setups[i].0));
+        println!("   server CPU per call: {:.1} µs", cpu[cpu.len() / 2]);
+        shutdown.cancel();
+        return Ok(());
+    }
     let figures: Vec<LoadFigures> = rates
         .into_iter()
         .zip(samples)
@@ -1057,35 +1093,46 @@ fn tenancy(
             samples: Samples::new(samples),
         })
         .collect();
-    for (label, f) in labels.iter().zip(&figures) {
+    for ((label, _, _), f) in setups.iter().zip(&figures) {
         println!("   {}", f.line(label));
     }
     let base = figures[0].median_rate();
-    println!(
-        "   cost of auth+rbac+audit (batched): {:.1} %   (target ≤ 10 %)",
-        (1.0 - figures[1].median_rate() / base) * 100.0
-    );
-    println!(
-        "   cost with audit durability `always`: {:.1} %",
-        (1.0 - figures[2].median_rate() / base) * 100.0
-    );
     // Throughput moves with the machine's other tenants from run to run;
     // the CPU the server spends per call hardly does.
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let cpu: Vec<f64> = cpu_per_call.iter_mut().map(median).collect();
+    // Costs are also taken round by round (each server against "all off"
+    // in the same round, minutes apart at most) and their median reported:
+    // that cancels most of the drift between rounds.
+    let paired = |values: &[Vec<f64>], i: usize, cost: fn(f64, f64) -> f64| {
+        let mut costs: Vec<f64> = values[i]
+            .iter()
+            .zip(&values[0])
+            .map(|(&v, &off)| cost(v, off))
+            .collect();
+        median(&mut costs)
+    };
+    let rate_cost = |v: f64, off: f64| (1.0 - v / off) * 100.0;
+    let cpu_cost = |v: f64, off: f64| (v / off - 1.0) * 100.0;
     println!(
-        "   server CPU per call (worker threads + audit writer, median of {ROUNDS} runs): \
-         all off {:.1} µs, batched {:.1} µs, always {:.1} µs",
-        cpu[0], cpu[1], cpu[2]
+        "   server CPU per call: worker threads + audit writer, median of {ROUNDS} runs; \
+         cost against \"all off\" (target ≤ 10 % for batched): of the medians | median of the \
+         {ROUNDS} per-round costs"
     );
-    println!(
-        "   CPU cost of auth+rbac+audit (batched): {:.1} %   (target ≤ 10 %); always: {:.1} %",
-        (cpu[1] / cpu[0] - 1.0) * 100.0,
-        (cpu[2] / cpu[0] - 1.0) * 100.0
-    );
+    let rates: Vec<Vec<f64>> = figures.iter().map(|f| f.rates.clone()).collect();
+    let cpu: Vec<f64> = cpu_per_call.clone().iter_mut().map(median).collect();
+    for (i, (label, _, _)) in setups.iter().enumerate() {
+        println!(
+            "   {label:<26} {:>7.1} µs   throughput cost {:>5.1} % | {:>5.1} %   CPU cost {:>5.1} % | {:>5.1} %",
+            cpu[i],
+            rate_cost(figures[i].median_rate(), base),
+            paired(&rates, i, rate_cost),
+            cpu_cost(cpu[i], cpu[0]),
+            paired(&cpu_per_call, i, cpu_cost),
+        );
+    }
 
     shutdown.cancel();
     Ok(())
