@@ -624,7 +624,9 @@ async fn test_principal(
         let tenant = tenant.to_str().unwrap().to_owned();
         request
             .extensions_mut()
-            .insert(cordon::dispatch::Principal::local(&tenant));
+            .insert(std::sync::Arc::new(cordon::dispatch::Principal::local(
+                &tenant,
+            )));
     }
     next.run(request).await
 }

@@ -57,12 +57,12 @@ pub fn router(dispatcher: Arc<Dispatcher>, sessions: SessionCounter) -> Router {
 
 /// The caller, as the gate authenticated it (or the local principal when
 /// authentication is off).
-fn caller(dispatcher: &Dispatcher, request: &Request) -> Principal {
+fn caller(dispatcher: &Dispatcher, request: &Request) -> Arc<Principal> {
     request
         .extensions()
-        .get::<Principal>()
+        .get::<Arc<Principal>>()
         .cloned()
-        .unwrap_or_else(|| dispatcher.settings().config.server.local_principal())
+        .unwrap_or_else(|| Arc::new(dispatcher.settings().config.server.local_principal()))
 }
 
 async fn require_admin(
@@ -90,7 +90,7 @@ async fn require_admin(
 }
 
 fn admin_event(request: &Request, reason: &str) -> AuditEvent {
-    let principal = request.extensions().get::<Principal>();
+    let principal = request.extensions().get::<Arc<Principal>>();
     AuditEvent {
         event: EventKind::Admin,
         tenant: principal.map(|p| p.tenant.clone()),

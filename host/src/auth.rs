@@ -12,6 +12,7 @@
 //! gate (`gate.rs`) calls it and decides what a failure looks like.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::jwk::JwkSet;
@@ -228,7 +229,7 @@ pub struct Authenticator {
 
 /// A verified JWT's principal, and until when (Unix seconds) it holds.
 struct Verified {
-    principal: Principal,
+    principal: Arc<Principal>,
     until: u64,
 }
 
@@ -247,7 +248,7 @@ struct KeySet {
     config: AuthConfig,
     keys: Vec<LoadedKey>,
     /// (sha256 of the key, the principal it stands for).
-    api_keys: Vec<([u8; 32], Principal)>,
+    api_keys: Vec<([u8; 32], Arc<Principal>)>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -310,11 +311,11 @@ impl Authenticator {
             }
             api_keys.push((
                 hash,
-                Principal {
+                Arc::new(Principal {
                     tenant: key.tenant.clone(),
                     subject: format!("api-key:{}", key.name),
                     roles: key.roles.clone(),
-                },
+                }),
             ));
         }
         if problems.is_empty() {
@@ -361,7 +362,10 @@ impl Authenticator {
     }
 
     /// Checks a bearer token (the part after `Bearer `).
-    pub fn verify(&self, token: &str) -> Result<Principal, AuthFailure> {
+    ///
+    /// Shared, not copied: the principal travels with every request of the
+    /// token (request extensions, the MCP handler, session bindings).
+    pub fn verify(&self, token: &str) -> Result<Arc<Principal>, AuthFailure> {
         let keys = self.keys.load();
         if !is_jwt(token) {
             return keys.verify_api_key(token);
@@ -373,6 +377,7 @@ impl Authenticator {
             return Ok(hit.principal.clone());
         }
         let (principal, exp) = keys.verify_jwt(token)?;
+        let principal = Arc::new(principal);
         let mut cache = self.verified_cache();
         if cache.len() >= VERIFIED_CACHE {
             cache.clear();
@@ -405,7 +410,7 @@ fn is_jwt(token: &str) -> bool {
 }
 
 impl KeySet {
-    fn verify_api_key(&self, token: &str) -> Result<Principal, AuthFailure> {
+    fn verify_api_key(&self, token: &str) -> Result<Arc<Principal>, AuthFailure> {
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Compare against every key, without stopping early: the time taken
         // does not depend on which key (if any) matched.
@@ -804,7 +809,7 @@ mod tests {
         let token = auth
             .issue(&principal, Duration::from_secs(60), None)
             .unwrap();
-        assert_eq!(auth.verify(&token).unwrap(), principal);
+        assert_eq!(*auth.verify(&token).unwrap(), principal);
         let mut bad = token.clone();
         bad.pop();
         bad.push(if token.ends_with('A') { 'B' } else { 'A' });

@@ -14,6 +14,9 @@
 //!   are bound in `sse.rs`, which owns them.)
 //! - A call refused by the tenant's quotas is answered 429 where the reply is
 //!   a plain JSON response.
+//! - The caller goes on in the request extensions as an `Arc<Principal>`
+//!   (shared with the token cache, not copied per request); the MCP handler,
+//!   the SSE transport and the admin routes read it from there.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -79,7 +82,7 @@ struct Shared {
     /// rmcp's sessions, to forget bindings of sessions that have ended.
     sessions: Arc<LocalSessionManager>,
     /// Streamable HTTP session id → the caller who created it.
-    bindings: Mutex<HashMap<String, Principal>>,
+    bindings: Mutex<HashMap<String, Arc<Principal>>>,
     /// `https` when serving TLS, for URLs in the metadata.
     scheme: &'static str,
     /// Paces the audit records of refused requests.
@@ -124,7 +127,7 @@ impl Gate {
         self.shared.authenticator.mode() != AuthMode::None
     }
 
-    fn bindings(&self) -> std::sync::MutexGuard<'_, HashMap<String, Principal>> {
+    fn bindings(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Principal>>> {
         self.shared
             .bindings
             .lock()
@@ -236,7 +239,7 @@ impl Gate {
         response
     }
 
-    fn authenticate(&self, request: &Request) -> Result<Principal, Refusal> {
+    fn authenticate(&self, request: &Request) -> Result<Arc<Principal>, Refusal> {
         if let Some(query) = request.uri().query()
             && query.split('&').any(|pair| {
                 let name = pair.split('=').next().unwrap_or_default();
@@ -287,7 +290,7 @@ impl Gate {
 enum Refusal {
     Auth(AuthFailure),
     /// Authenticated, but none of its roles is defined for its tenant.
-    NoRole(Principal),
+    NoRole(Arc<Principal>),
 }
 
 fn transport_of(uri: &Uri) -> &'static str {

@@ -38,7 +38,7 @@ pub struct McpHandler {
     dispatcher: Arc<Dispatcher>,
     /// Used when the transport attached no authenticated principal (local
     /// use: stdio, or a loopback listener with authentication off).
-    fallback: Principal,
+    fallback: Arc<Principal>,
     /// The transport, for audit records.
     transport: &'static str,
     /// The session id, when the transport knows it up front (HTTP+SSE).
@@ -53,8 +53,9 @@ pub struct McpHandler {
 
 impl McpHandler {
     /// A handler calling through `dispatcher`, as `fallback` unless the
-    /// transport attached a [`Principal`] to the request.
-    pub fn new(dispatcher: Arc<Dispatcher>, fallback: Principal) -> Self {
+    /// transport attached an `Arc<Principal>` to the request.
+    pub fn new(dispatcher: Arc<Dispatcher>, fallback: impl Into<Arc<Principal>>) -> Self {
+        let fallback = fallback.into();
         let session_end = CancellationToken::new();
         McpHandler {
             dispatcher,
@@ -95,13 +96,13 @@ impl McpHandler {
         }
     }
 
-    fn principal(&self, extensions: &rmcp::model::Extensions) -> Principal {
+    fn principal(&self, extensions: &rmcp::model::Extensions) -> Arc<Principal> {
         extensions
-            .get::<Principal>()
+            .get::<Arc<Principal>>()
             .or_else(|| {
                 extensions
                     .get::<http::request::Parts>()
-                    .and_then(|parts| parts.extensions.get::<Principal>())
+                    .and_then(|parts| parts.extensions.get::<Arc<Principal>>())
             })
             .cloned()
             .unwrap_or_else(|| self.fallback.clone())

@@ -34,7 +34,7 @@ pub fn router(
     config: &ServerConfig,
     shutdown: CancellationToken,
 ) -> Router {
-    let fallback = config.local_principal();
+    let fallback = Arc::new(config.local_principal());
     let factory = {
         let dispatcher = dispatcher.clone();
         move || Ok(McpHandler::new(dispatcher.clone(), fallback.clone()))

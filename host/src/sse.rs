@@ -71,7 +71,7 @@ impl std::fmt::Debug for SseTransport {
 struct Shared {
     dispatcher: Arc<Dispatcher>,
     /// The principal of requests that carry none (see [`SseTransport::principal_of`]).
-    fallback: Principal,
+    fallback: Arc<Principal>,
     sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
     max_sessions: usize,
     keep_alive: Duration,
@@ -86,7 +86,7 @@ struct Shared {
 /// One open session, as the POST handler sees it.
 struct Session {
     /// Who opened it; only the same principal may post to it.
-    principal: Principal,
+    principal: Arc<Principal>,
     /// Into the session's service loop.
     incoming: mpsc::Sender<Box<ClientJsonRpcMessage>>,
     /// Ends the session: its service, in-flight calls and event stream.
@@ -129,7 +129,7 @@ impl SseTransport {
         SseTransport {
             shared: Arc::new(Shared {
                 dispatcher,
-                fallback: config.local_principal(),
+                fallback: Arc::new(config.local_principal()),
                 sessions: Mutex::new(HashMap::new()),
                 max_sessions: config.max_sessions,
                 keep_alive: Duration::from_secs(config.keep_alive_secs.max(1)),
@@ -177,16 +177,16 @@ impl SseTransport {
     /// The principal a request acts as.
     ///
     /// The authentication gate (`gate.rs`, a middleware in front of these
-    /// routes) inserts the caller's [`Principal`] into the request
+    /// routes) inserts the caller, an `Arc<Principal>`, into the request
     /// extensions. `GET /sse` stores it with the session (it becomes the
     /// session handler's principal), and `POST /messages` must come from the
     /// same caller or is answered 404, as if the session did not exist.
     /// Without authentication (`auth.mode = "none"`) every request is the
     /// local principal.
-    fn principal_of(&self, request: &Request) -> Principal {
+    fn principal_of(&self, request: &Request) -> Arc<Principal> {
         request
             .extensions()
-            .get::<Principal>()
+            .get::<Arc<Principal>>()
             .cloned()
             .unwrap_or_else(|| self.shared.fallback.clone())
     }
