@@ -1055,6 +1055,7 @@ fn tenancy(
     // `only=I` loads server I alone (the others idle), for a profile of it.
     let only: Option<usize> = std::env::args().find_map(|a| a.strip_prefix("only=")?.parse().ok());
     anyhow::ensure!(only.is_none_or(|i| i < n), "only=I: I must be below {n}");
+    let mut calls_served = 0.0;
     for round in 0..ROUNDS {
         // Rotate the order so that drift hurts every server alike.
         for k in 0..n {
@@ -1068,6 +1069,7 @@ fn tenancy(
             // Warm-up calls are not in `run` but used CPU too: count them
             // at the measured rate.
             let calls = run.len() as f64 * (WARMUP + MEASURE).as_secs_f64() / MEASURE.as_secs_f64();
+            calls_served += calls;
             cpu_per_call[i].push(cpu.as_secs_f64() * 1e6 / calls.max(1.0));
             rates[i].push(run.len() as f64 / MEASURE.as_secs_f64());
             samples[i].extend(run);
@@ -1082,6 +1084,7 @@ fn tenancy(
         };
         println!("   {}", figures.line(setups[i].0));
         println!("   server CPU per call: {:.1} µs", cpu[cpu.len() / 2]);
+        println!("   calls served (warm-up estimated at the measured rate): {calls_served:.0}");
         shutdown.cancel();
         return Ok(());
     }
