@@ -413,9 +413,19 @@ impl Samples {
 /// `clients` tasks, each with its own connection, calling in a loop for
 /// WARMUP + MEASURE; returns the latencies of the calls started in MEASURE.
 async fn load(uri: http::Uri, clients: usize) -> anyhow::Result<Vec<u64>> {
+    load_for(uri, clients, WARMUP, MEASURE).await
+}
+
+/// [`load`] with its own warm-up and measuring times.
+async fn load_for(
+    uri: http::Uri,
+    clients: usize,
+    warmup: Duration,
+    measure: Duration,
+) -> anyhow::Result<Vec<u64>> {
     let start = Instant::now();
-    let measure_from = start + WARMUP;
-    let until = measure_from + MEASURE;
+    let measure_from = start + warmup;
+    let until = measure_from + measure;
     let uri = Arc::new(uri);
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
@@ -967,8 +977,12 @@ fn tenancy(
     clients_rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
     const CLIENTS: usize = 16;
-    // More rounds than section 1: the difference measured here is small.
-    const ROUNDS: usize = 7;
+    // Many short rounds rather than a few long ones: the servers take turns
+    // every 1.25 s, so the per-round pairs see nearly the same machine, and
+    // the medians shrug off the rounds a neighbour disturbed.
+    const ROUNDS: usize = 21;
+    const WARMUP: Duration = Duration::from_millis(250);
+    const MEASURE: Duration = Duration::from_secs(1);
     let secret = tempfile::NamedTempFile::new()?;
     std::fs::write(
         secret.path(),
@@ -1004,6 +1018,10 @@ fn tenancy(
             "[audit]\npath = \"audit.jsonl\"\ndurability = \"batched\"\nbatch_ms = 50\n".to_owned(),
             false,
         ));
+    }
+    if arg("aa") {
+        // A/A check: a second "all off", built last.
+        setups.push(("all off, again", NO_TENANCY.to_owned(), false));
     }
     let sandboxes: Vec<common::Sandbox> = setups
         .iter()
@@ -1064,7 +1082,7 @@ fn tenancy(
                 continue;
             }
             let cpu_before = server_cpu_time()?;
-            let run = clients_rt.block_on(load(mcp_uri(addrs[i]), CLIENTS))?;
+            let run = clients_rt.block_on(load_for(mcp_uri(addrs[i]), CLIENTS, WARMUP, MEASURE))?;
             let cpu = server_cpu_time()? - cpu_before;
             // Warm-up calls are not in `run` but used CPU too: count them
             // at the measured rate.
