@@ -15,7 +15,9 @@
 //! 4. the price of tenancy: `tools/call` throughput with authentication (an
 //!    HS256 JWT on every request) + RBAC + audit (batched group commit)
 //!    against all three off, and with audit durability `always`;
-//!    `-- tenancy breakdown` adds authentication alone and audit alone.
+//!    `-- tenancy breakdown` adds authentication alone and audit alone,
+//!    `aa` a second "all off" (an A/A check), and `only=I` loads server I
+//!    alone and prints the calls it served (for per-call counts under perf).
 //!
 //! Run: `cargo bench -p cordon --bench transport` (prints the figures that
 //! BENCHMARKS.md records); `-- throughput`, `-- out-of-the-box` and
