@@ -1046,24 +1046,32 @@ fn tenancy(
         None,
     )?;
     let _ = TOKEN.set(token);
-    let addrs = servers_rt.block_on(async {
-        let mut addrs = Vec::new();
-        for (sandbox, (_, _, authenticated)) in sandboxes.iter().zip(&setups) {
-            let auth = if *authenticated {
-                authenticator(sandbox)
-            } else {
-                no_auth()
-            };
-            let router = cordon::server::router(
-                sandbox.app.dispatcher.clone(),
-                auth,
-                &config,
-                shutdown.clone(),
-            );
-            addrs.push(start(router, shutdown.clone()).await?);
-        }
-        anyhow::Ok(addrs)
-    })?;
+    // Each server gets a runtime of its own, its threads named after it
+    // (`bench-server-I`): idle ones park, the loaded one works as before,
+    // and one `perf record` of the whole section can tell the servers apart.
+    let runtimes = (0..setups.len())
+        .map(|i| {
+            tokio::runtime::Builder::new_multi_thread()
+                .thread_name(format!("bench-server-{i}"))
+                .enable_all()
+                .build()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut addrs = Vec::new();
+    for ((sandbox, (_, _, authenticated)), rt) in sandboxes.iter().zip(&setups).zip(&runtimes) {
+        let auth = if *authenticated {
+            authenticator(sandbox)
+        } else {
+            no_auth()
+        };
+        let router = cordon::server::router(
+            sandbox.app.dispatcher.clone(),
+            auth,
+            &config,
+            shutdown.clone(),
+        );
+        addrs.push(rt.block_on(start(router, shutdown.clone()))?);
+    }
     println!(
         "\n4. tenancy: tools/call `echo`, stateless {STATELESS_VERSION}, {CLIENTS} clients, {} s measured per run, median of {ROUNDS} runs",
         MEASURE.as_secs()
