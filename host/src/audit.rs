@@ -320,12 +320,15 @@ impl AuditRecord {
 struct EncodedEvent(Vec<u8>);
 
 impl EncodedEvent {
-    fn new(mut event: AuditEvent) -> Result<EncodedEvent, AuditError> {
+    fn new(mut event: AuditEvent, buffers: &BufferPool) -> Result<EncodedEvent, AuditError> {
         event.duration_ms = event
             .duration_ms
             .map(|ms| (ms * 1000.0).round() / 1000.0)
             .filter(|ms| ms.is_finite());
-        let bytes = serde_json::to_vec(&event).map_err(|e| AuditError::Serialize(Arc::new(e)))?;
+        let mut bytes = buffers.take();
+        if let Err(e) = serde_json::to_writer(&mut bytes, &event) {
+            return Err(AuditError::Serialize(Arc::new(e)));
+        }
         // `event` is never skipped, so the object has at least one member.
         debug_assert!(bytes.starts_with(b"{\"event\":") && bytes.ends_with(b"}"));
         Ok(EncodedEvent(bytes))
@@ -334,6 +337,41 @@ impl EncodedEvent {
     /// The members, without the object's braces.
     fn members(&self) -> &[u8] {
         &self.0[1..self.0.len() - 1]
+    }
+}
+
+/// Buffers for [`EncodedEvent`]s, which the writer hands back once it has
+/// copied them into its batch. In the steady state recording a call then
+/// allocates nothing, and no buffer is freed on the writer thread: glibc
+/// returns a chunk freed by another thread to the arena it came from, under
+/// that arena's lock, which the request threads allocating from it would
+/// wait for.
+#[derive(Default)]
+struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    /// Buffers kept at most (a batch holds up to [`MAX_BATCH_MESSAGES`]).
+    const MAX_BUFFERS: usize = 1024;
+    /// Larger buffers (full arguments recorded) are freed, not kept.
+    const MAX_BUFFER_BYTES: usize = 4096;
+
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(512))
+    }
+
+    /// Takes back the buffers in `spare` (emptied), up to the pool's size.
+    fn give_back(&self, spare: &mut Vec<Vec<u8>>) {
+        if spare.is_empty() {
+            return;
+        }
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let room = Self::MAX_BUFFERS.saturating_sub(pool.len());
+        pool.extend(spare.drain(..).take(room));
+        spare.clear();
     }
 }
 
@@ -979,6 +1017,7 @@ pub struct AuditLog {
 struct Inner {
     path: PathBuf,
     durability: Durability,
+    buffers: Arc<BufferPool>,
     tx: Option<mpsc::Sender<Msg>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -1092,6 +1131,7 @@ impl AuditLog {
             "audit log opened"
         );
 
+        let buffers = Arc::new(BufferPool::default());
         let writer = Writer {
             head_path: head_path(&path),
             path: path.clone(),
@@ -1105,6 +1145,8 @@ impl AuditLog {
             needs_repair: false,
             head_failing: false,
             pending: Vec::new(),
+            buffers: Arc::clone(&buffers),
+            spare: Vec::new(),
             waiters: Vec::new(),
             flushers: Vec::new(),
             head_seq: (report.head == HeadStatus::Current).then_some(report.records),
@@ -1120,6 +1162,7 @@ impl AuditLog {
             inner: Some(Arc::new(Inner {
                 path,
                 durability: settings.durability,
+                buffers,
                 tx: Some(tx),
                 thread: Some(thread),
             })),
@@ -1194,7 +1237,7 @@ impl Inner {
     fn send(&self, event: AuditEvent, done: Option<Done>) -> Result<(), AuditError> {
         let tx = self.tx.as_ref().ok_or(AuditError::Closed)?;
         let msg = Msg::Record {
-            event: EncodedEvent::new(event)?,
+            event: EncodedEvent::new(event, &self.buffers)?,
             time: SystemTime::now(),
             done,
         };
@@ -1219,6 +1262,10 @@ struct Writer {
     /// The last head write failed (warn once, not per commit).
     head_failing: bool,
     pending: Vec<u8>,
+    /// Where encoded events' buffers go back to.
+    buffers: Arc<BufferPool>,
+    /// Buffers already copied into `pending`, handed back at the next commit.
+    spare: Vec<Vec<u8>>,
     /// Waiting for records in `pending`.
     waiters: Vec<Done>,
     /// Waiting for a flush.
@@ -1307,6 +1354,13 @@ impl Writer {
             }
             Msg::Record { event, time, done } => {
                 self.append(&event, time);
+                if event.0.capacity() <= BufferPool::MAX_BUFFER_BYTES
+                    && self.spare.len() < BufferPool::MAX_BUFFERS
+                {
+                    let mut buffer = event.0;
+                    buffer.clear();
+                    self.spare.push(buffer);
+                }
                 self.dirty_since.get_or_insert_with(Instant::now);
                 if let Some(done) = done {
                     self.waiters.push(done);
@@ -1348,6 +1402,7 @@ impl Writer {
     /// head forward, then answers the flushes (so a flush also covers the
     /// head).
     fn commit(&mut self) {
+        self.buffers.give_back(&mut self.spare);
         self.dirty_since = None;
         self.flush_requested = false;
         let result = if self.pending.is_empty() {
@@ -1918,6 +1973,40 @@ mod tests {
             prev = hash;
         }
         assert_eq!(verify(&path).expect("verify").records, 3);
+    }
+
+    /// Written events' buffers go back to the pool (so recording a call
+    /// allocates nothing in the steady state), except large ones.
+    #[tokio::test]
+    async fn event_buffers_are_reused_but_large_ones_are_not_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = open(&dir.path().join("audit.jsonl"), Durability::Always);
+        let pool = || {
+            let inner = log.inner.as_ref().expect("enabled");
+            let buffers = inner.buffers.0.lock().unwrap();
+            buffers.iter().map(Vec::capacity).collect::<Vec<_>>()
+        };
+        log.record(call("acme", "echo", 1)).await.expect("record");
+        assert_eq!(pool().len(), 1, "the buffer came back");
+        log.record(call("acme", "echo", 2)).await.expect("record");
+        assert_eq!(pool().len(), 1, "and was used again");
+        let big = AuditEvent {
+            reason: Some("x".repeat(3 * BufferPool::MAX_BUFFER_BYTES)),
+            ..call("acme", "echo", 3)
+        };
+        log.record(big).await.expect("record");
+        assert!(
+            pool().iter().all(|&c| c <= BufferPool::MAX_BUFFER_BYTES),
+            "{:?}",
+            pool()
+        );
+        drop(log);
+        assert_eq!(
+            verify(&dir.path().join("audit.jsonl"))
+                .expect("verify")
+                .records,
+            3
+        );
     }
 
     #[tokio::test]
