@@ -201,15 +201,7 @@ async fn sigterm_lets_running_calls_finish_then_exits_cleanly() {
             reply.body
         );
     }
-    let status = served
-        .process
-        .wait_exit(Duration::from_secs(20))
-        .expect("cordon exits after SIGTERM");
-    assert!(
-        status.success(),
-        "exit status {status:?}\n{}",
-        served.process.log()
-    );
+    served.process.expect_clean_exit(Duration::from_secs(20));
     cordon::audit::verify(&setup.audit_log()).expect("the audit chain verifies");
     let records = audit_records(&setup.audit_log(), 2);
     assert_eq!(
@@ -234,11 +226,7 @@ async fn calls_past_the_grace_period_are_cancelled_and_recorded() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let started = std::time::Instant::now();
     served.process.signal("TERM");
-    let status = served
-        .process
-        .wait_exit(Duration::from_secs(15))
-        .expect("cordon exits after SIGTERM");
-    assert!(status.success(), "{}", served.process.log());
+    served.process.expect_clean_exit(Duration::from_secs(15));
     assert!(started.elapsed() < Duration::from_secs(12));
     let _ = call.await;
     cordon::audit::verify(&setup.audit_log()).expect("the audit chain verifies");
@@ -532,11 +520,7 @@ async fn spans_go_to_an_otlp_collector_under_the_clients_traceparent() {
 
     // Shutting down sends the batched spans.
     served.process.signal("TERM");
-    let status = served
-        .process
-        .wait_exit(Duration::from_secs(20))
-        .expect("cordon exits");
-    assert!(status.success(), "{}", served.process.log());
+    served.process.expect_clean_exit(Duration::from_secs(20));
     let received = received.lock().unwrap().clone();
     let contains = |needle: &[u8]| received.windows(needle.len()).any(|w| w == needle);
     assert!(

@@ -601,11 +601,7 @@ async fn the_audit_chain_verifies_after_load_and_any_tampering_is_found() {
     assert!(audit_records(&log, 41).len() >= 41);
     let mut served = served;
     served.process.signal("TERM");
-    let status = served
-        .process
-        .wait_exit(Duration::from_secs(20))
-        .expect("cordon exits after SIGTERM");
-    assert!(status.success(), "{status}: {}", served.process.log());
+    served.process.expect_clean_exit(Duration::from_secs(20));
     let verify = |path: &Path| {
         let out = cordon()
             .args(["audit", "verify"])

@@ -370,8 +370,8 @@ impl BufferPool {
         }
         let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let room = Self::MAX_BUFFERS.saturating_sub(pool.len());
+        // Drained whole: the buffers beyond `room` are freed here.
         pool.extend(spare.drain(..).take(room));
-        spare.clear();
     }
 }
 

@@ -289,6 +289,15 @@ impl ServeProcess {
         }
     }
 
+    /// Waits up to `timeout` for the server to exit (after a SIGTERM sent
+    /// with [`ServeProcess::signal`]) and checks that it exited with 0.
+    pub fn expect_clean_exit(&mut self, timeout: std::time::Duration) {
+        let status = self
+            .wait_exit(timeout)
+            .unwrap_or_else(|| panic!("cordon did not exit within {timeout:?}\n{}", self.log()));
+        assert!(status.success(), "exit status {status:?}\n{}", self.log());
+    }
+
     /// Kills the server with SIGKILL (no shutdown, no flush) and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
