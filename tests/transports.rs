@@ -622,11 +622,10 @@ async fn test_principal(
 ) -> axum::response::Response {
     if let Some(tenant) = request.headers().get("x-test-tenant") {
         let tenant = tenant.to_str().unwrap().to_owned();
-        request
-            .extensions_mut()
-            .insert(std::sync::Arc::new(cordon::dispatch::Principal::local(
-                &tenant,
-            )));
+        cordon::gate::attach_caller(
+            request.extensions_mut(),
+            std::sync::Arc::new(cordon::dispatch::Principal::local(&tenant)),
+        );
     }
     next.run(request).await
 }

@@ -58,9 +58,7 @@ pub fn router(dispatcher: Arc<Dispatcher>, sessions: SessionCounter) -> Router {
 /// The caller, as the gate authenticated it (or the local principal when
 /// authentication is off).
 fn caller(dispatcher: &Dispatcher, request: &Request) -> Arc<Principal> {
-    request
-        .extensions()
-        .get::<Arc<Principal>>()
+    crate::gate::caller(request.extensions())
         .cloned()
         .unwrap_or_else(|| Arc::new(dispatcher.settings().config.server.local_principal()))
 }
@@ -85,12 +83,12 @@ async fn require_admin(
         )
             .into_response();
     }
-    request.extensions_mut().insert(principal);
+    crate::gate::attach_caller(request.extensions_mut(), principal);
     next.run(request).await
 }
 
 fn admin_event(request: &Request, reason: &str) -> AuditEvent {
-    let principal = request.extensions().get::<Arc<Principal>>();
+    let principal = crate::gate::caller(request.extensions());
     AuditEvent {
         event: EventKind::Admin,
         tenant: principal.map(|p| p.tenant.clone()),

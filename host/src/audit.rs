@@ -1531,11 +1531,6 @@ fn rfc3339(time: SystemTime) -> humantime::Rfc3339Timestamp {
     humantime::format_rfc3339_millis(UNIX_EPOCH + since_epoch)
 }
 
-#[cfg(test)]
-fn format_time(time: SystemTime) -> String {
-    rfc3339(time).to_string()
-}
-
 /// Parses an RFC 3339 time (`2025-01-31T12:00:00Z`, fractional seconds and
 /// `±HH:MM` offsets allowed; `T` may be a space; no zone means UTC) or a
 /// bare date (`2025-01-31`, midnight UTC).
@@ -2284,14 +2279,14 @@ mod tests {
             assert!(parse_since(bad).is_err(), "{bad:?}");
         }
         // The writer's format parses back.
-        let stamp = format_time(t(1_704_164_645) + Duration::from_millis(7));
+        let stamp = rfc3339(t(1_704_164_645) + Duration::from_millis(7)).to_string();
         assert_eq!(stamp, "2024-01-02T03:04:05.007Z");
         assert_eq!(
             parse_time(&stamp).expect("own format"),
             t(1_704_164_645) + Duration::from_millis(7)
         );
         assert_eq!(
-            format_time(UNIX_EPOCH - Duration::from_secs(1)),
+            rfc3339(UNIX_EPOCH - Duration::from_secs(1)).to_string(),
             "1970-01-01T00:00:00.000Z"
         );
     }

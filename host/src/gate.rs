@@ -15,8 +15,9 @@
 //! - A call refused by the tenant's quotas is answered 429 where the reply is
 //!   a plain JSON response.
 //! - The caller goes on in the request extensions as an `Arc<Principal>`
-//!   (shared with the token cache, not copied per request); the MCP handler,
-//!   the SSE transport and the admin routes read it from there.
+//!   (shared with the token cache, not copied per request): [`attach_caller`]
+//!   puts it there and [`caller`] is how the MCP handler, the SSE transport
+//!   and the admin routes read it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -301,6 +302,17 @@ fn transport_of(uri: &Uri) -> &'static str {
     }
 }
 
+/// The caller the gate attached to a request, if any (none when
+/// authentication is off: then each reader uses its local principal).
+pub fn caller(extensions: &http::Extensions) -> Option<&Arc<Principal>> {
+    extensions.get::<Arc<Principal>>()
+}
+
+/// Makes `principal` the request's caller, as [`caller`] reads it.
+pub fn attach_caller(extensions: &mut http::Extensions, principal: Arc<Principal>) {
+    extensions.insert(principal);
+}
+
 /// The middleware: see the module documentation.
 pub async fn check(State(gate): State<Gate>, mut request: Request, next: Next) -> Response {
     let path = request.uri().path();
@@ -314,7 +326,7 @@ pub async fn check(State(gate): State<Gate>, mut request: Request, next: Next) -
         Ok(principal) => principal,
         Err(refusal) => return gate.refuse(&request, refusal),
     };
-    request.extensions_mut().insert(principal.clone());
+    attach_caller(request.extensions_mut(), principal.clone());
 
     let is_mcp = request.uri().path() == MCP_PATH;
     let session = request

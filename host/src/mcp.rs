@@ -98,12 +98,8 @@ impl McpHandler {
 
     fn principal(&self, extensions: &rmcp::model::Extensions) -> Arc<Principal> {
         extensions
-            .get::<Arc<Principal>>()
-            .or_else(|| {
-                extensions
-                    .get::<http::request::Parts>()
-                    .and_then(|parts| parts.extensions.get::<Arc<Principal>>())
-            })
+            .get::<http::request::Parts>()
+            .and_then(|parts| crate::gate::caller(&parts.extensions))
             .cloned()
             .unwrap_or_else(|| self.fallback.clone())
     }

@@ -184,9 +184,7 @@ impl SseTransport {
     /// Without authentication (`auth.mode = "none"`) every request is the
     /// local principal.
     fn principal_of(&self, request: &Request) -> Arc<Principal> {
-        request
-            .extensions()
-            .get::<Arc<Principal>>()
+        crate::gate::caller(request.extensions())
             .cloned()
             .unwrap_or_else(|| self.shared.fallback.clone())
     }
@@ -360,18 +358,15 @@ async fn deliver(sse: &SseTransport, request: Request) -> Result<(), Refusal> {
 
     session.touch();
     for mut message in messages {
-        // The handler reads the principal from here (and the HTTP parts, as
-        // on /mcp).
+        // The handler reads the caller from the HTTP parts, as on /mcp
+        // (without authentication it is the session's principal, which the
+        // handler was created with).
         match &mut message {
             ClientJsonRpcMessage::Request(r) => {
-                let ext = r.request.extensions_mut();
-                ext.insert(principal.clone());
-                ext.insert(parts.clone());
+                r.request.extensions_mut().insert(parts.clone());
             }
             ClientJsonRpcMessage::Notification(n) => {
-                let ext = n.notification.extensions_mut();
-                ext.insert(principal.clone());
-                ext.insert(parts.clone());
+                n.notification.extensions_mut().insert(parts.clone());
             }
             ClientJsonRpcMessage::Response(_) | ClientJsonRpcMessage::Error(_) => {}
         }
