@@ -2,9 +2,12 @@
 //!
 //! 1. throughput and latency of `tools/call` in stateless 2026-07-28
 //!    JSON-response mode with 1, 16 and 64 concurrent clients, for Cordon's
-//!    router serving the `echo` tool of the real `conformance` component, and
-//!    for the same rmcp Streamable HTTP configuration serving a native null
-//!    tool compiled into this benchmark (the ratio is the price of Cordon);
+//!    router serving the `echo` tool of the real `conformance` component
+//!    ("cordon wasm"), for the same server answering `echo` with a native
+//!    tool compiled into this benchmark ("cordon native": wasm / native is
+//!    the price of the sandbox), and for the same rmcp Streamable HTTP
+//!    configuration alone, with a native tool and none of Cordon ("bare
+//!    rmcp": wasm / bare is the price of all of Cordon);
 //! 2. out-of-the-box latency of one client through Cordon's router with the
 //!    default `[server]` settings;
 //! 3. resident memory per idle session: 10,000 sessions, each initialized
@@ -21,8 +24,9 @@
 //!
 //! Run: `cargo bench -p cordon --bench transport` (prints the figures that
 //! BENCHMARKS.md records); `-- throughput`, `-- out-of-the-box` and
-//! `-- tenancy` run sections 1, 2 and 4 alone; `-- throughput wasm-only`
-//! (or `native-only`) measures one side of section 1, for profiling.
+//! `-- tenancy` run sections 1, 2 and 4 alone; `-- throughput side=wasm`
+//! (or `native`, `rmcp`) measures one side of section 1, and `clients=N`
+//! one load, for profiling.
 //!
 //! In 1 and 2 the servers run on one tokio runtime and the load driver on
 //! another, in this process (two worker threads each, like two processes
@@ -59,10 +63,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Concurrent clients per throughput run.
 const CLIENTS: [usize; 3] = [1, 16, 64];
-/// Runs per (clients, server); calls/s is the median, latencies are pooled.
-const ROUNDS: usize = 3;
-const WARMUP: Duration = Duration::from_secs(1);
-const MEASURE: Duration = Duration::from_secs(4);
+/// Runs per (clients, server), short and interleaved (see [`interleaved`]).
+const ROUNDS: usize = 11;
+const WARMUP: Duration = Duration::from_millis(250);
+const MEASURE: Duration = Duration::from_secs(1);
 /// Sequential calls for the out-of-the-box latency.
 const OOB_WARMUP: usize = 500;
 const OOB_CALLS: usize = 5_000;
@@ -141,6 +145,34 @@ impl ServerHandler for NullTool {
             .unwrap_or_default();
         Ok(CallToolResult::success(vec![ContentBlock::text(message)]).into())
     }
+}
+
+/// A dispatcher like `wasm`'s (same registry, configuration and audit log)
+/// that answers `echo` natively, in place of the sandbox: the same server
+/// with a native tool. `echo` reads its arguments as the guest does.
+fn native_dispatcher(
+    wasm: &cordon::dispatch::Dispatcher,
+) -> anyhow::Result<Arc<cordon::dispatch::Dispatcher>> {
+    #[derive(serde::Deserialize)]
+    struct Echo {
+        message: String,
+    }
+    let dispatcher = cordon::dispatch::Dispatcher::new(
+        wasm.registry().clone(),
+        wasm.settings().config.clone(),
+        wasm.audit().clone(),
+    )?
+    .answer_natively(
+        "echo",
+        Arc::new(|arguments: &str| {
+            let echo: Echo = serde_json::from_str(arguments)
+                .map_err(|e| cordon::runtime::CallFailure::InvalidArguments(e.to_string()))?;
+            Ok(CallToolResult::success(vec![ContentBlock::text(
+                echo.message,
+            )]))
+        }),
+    );
+    Ok(Arc::new(dispatcher))
 }
 
 /// The Streamable HTTP service exactly as `cordon::server::router` configures
@@ -414,12 +446,9 @@ impl Samples {
 
 /// `clients` tasks, each with its own connection, calling in a loop for
 /// WARMUP + MEASURE; returns the latencies of the calls started in MEASURE.
-async fn load(uri: http::Uri, clients: usize) -> anyhow::Result<Vec<u64>> {
-    load_for(uri, clients, WARMUP, MEASURE).await
-}
-
-/// [`load`] with its own warm-up and measuring times.
-async fn load_for(
+/// Loads `uri` with `clients` clients calling in a loop; returns the
+/// latencies (ns) of the calls that started after `warmup`.
+async fn load(
     uri: http::Uri,
     clients: usize,
     warmup: Duration,
@@ -505,16 +534,14 @@ struct LoadFigures {
 
 impl LoadFigures {
     fn median_rate(&self) -> f64 {
-        let mut rates = self.rates.clone();
-        rates.sort_by(f64::total_cmp);
-        rates[rates.len() / 2]
+        median(&self.rates)
     }
 
     fn line(&self, label: &str) -> String {
         let min = self.rates.iter().copied().fold(f64::INFINITY, f64::min);
         let max = self.rates.iter().copied().fold(0.0, f64::max);
         format!(
-            "{label:<12} {:>8} calls/s ({:>6}–{:>6})   p50 {:>6.3} ms   p99 {:>6.3} ms",
+            "{label:<13} {:>8} calls/s ({:>6}–{:>6})   p50 {:>6.3} ms   p99 {:>6.3} ms",
             thousands(self.median_rate()),
             thousands(min),
             thousands(max),
@@ -525,74 +552,163 @@ impl LoadFigures {
 }
 
 /// Whether `flag` is on the command line (`throughput`, `out-of-the-box`,
-/// `tenancy`: one section alone; `wasm-only`, `native-only`: one side of
-/// section 1).
+/// `tenancy`: one section alone; `breakdown`, `aa`: more servers in
+/// section 4).
 fn arg(flag: &str) -> bool {
     std::env::args().any(|a| a == flag)
 }
 
-fn throughput(
+/// What interleaved runs measured for one server.
+#[derive(Default)]
+struct Runs {
+    /// Calls per second, run by run.
+    rates: Vec<f64>,
+    /// Every measured call's latency, in ns.
+    samples: Vec<u64>,
+    /// Server CPU per call, in µs, run by run.
+    cpu_per_call: Vec<f64>,
+}
+
+impl Runs {
+    fn figures(&self) -> LoadFigures {
+        LoadFigures {
+            rates: self.rates.clone(),
+            samples: Samples::new(self.samples.clone()),
+        }
+    }
+
+    fn median_cpu(&self) -> f64 {
+        median(&self.cpu_per_call)
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// The median over runs of `cost(a, b)` for the runs of `a` and `b` in the
+/// same round. A round's servers run seconds apart, so they see nearly the
+/// same machine: pairing cancels most of the drift between rounds, and the
+/// median shrugs off the rounds a neighbour disturbed.
+fn paired(a: &[f64], b: &[f64], cost: fn(f64, f64) -> f64) -> f64 {
+    let costs: Vec<f64> = a.iter().zip(b).map(|(&x, &y)| cost(x, y)).collect();
+    median(&costs)
+}
+
+/// Loads the servers at `addrs` in turn with `clients` clients, `rounds`
+/// times, each run `warmup` + `measure` long; the order rotates from round
+/// to round so that drift hurts every server alike. With `only`, that
+/// server alone is loaded. Returns the runs and the calls served (warm-up
+/// calls estimated at the measured rate).
+fn interleaved(
     clients_rt: &tokio::runtime::Runtime,
-    wasm: SocketAddr,
-    native: SocketAddr,
-) -> anyhow::Result<()> {
+    addrs: &[SocketAddr],
+    clients: usize,
+    rounds: usize,
+    (warmup, measure): (Duration, Duration),
+    only: Option<usize>,
+) -> anyhow::Result<(Vec<Runs>, f64)> {
+    let n = addrs.len();
+    let mut runs: Vec<Runs> = (0..n).map(|_| Runs::default()).collect();
+    let mut calls_served = 0.0;
+    for round in 0..rounds {
+        for turn in 0..n {
+            let i = (round + turn) % n;
+            if only.is_some_and(|only| only != i) {
+                continue;
+            }
+            let cpu_before = server_cpu_time()?;
+            let run = clients_rt.block_on(load(mcp_uri(addrs[i]), clients, warmup, measure))?;
+            let cpu = server_cpu_time()? - cpu_before;
+            // Warm-up calls are not in `run` but used CPU too: count them
+            // at the measured rate.
+            let calls = run.len() as f64 * (warmup + measure).as_secs_f64() / measure.as_secs_f64();
+            calls_served += calls;
+            runs[i]
+                .cpu_per_call
+                .push(cpu.as_secs_f64() * 1e6 / calls.max(1.0));
+            runs[i].rates.push(run.len() as f64 / measure.as_secs_f64());
+            runs[i].samples.extend(run);
+        }
+    }
+    Ok((runs, calls_served))
+}
+
+/// One server of section 1.
+struct Side {
+    /// What the tables call it.
+    label: &'static str,
+    /// Its name for `side=NAME` (profile one side alone).
+    name: &'static str,
+    addr: SocketAddr,
+}
+
+fn throughput(clients_rt: &tokio::runtime::Runtime, sides: &[Side; 3]) -> anyhow::Result<()> {
     println!(
         "\n1. tools/call `echo`, stateless {STATELESS_VERSION}, JSON responses, keep-alive + TCP_NODELAY;\n   \
-         per run {} s warm-up + {} s measured; calls/s = median of {ROUNDS} runs (min–max), latencies pooled",
-        WARMUP.as_secs(),
-        MEASURE.as_secs()
+         {ROUNDS} rounds, each server in turn (order rotating) for {} ms warm-up + {} ms measured;\n   \
+         calls/s and server CPU per call = median of the runs, latencies pooled; ratios: of the \
+         medians | median of the per-round ratios",
+        WARMUP.as_millis(),
+        MEASURE.as_millis()
     );
-    for clients in CLIENTS {
-        let mut figures = Vec::new();
-        let mut wasm_rates = Vec::new();
-        let mut native_rates = Vec::new();
-        let mut wasm_samples = Vec::new();
-        let mut native_samples = Vec::new();
-        for round in 0..ROUNDS {
-            // Alternate the order so that drift hurts both sides alike.
-            let order = if round % 2 == 0 {
-                [(true, wasm), (false, native)]
-            } else {
-                [(false, native), (true, wasm)]
-            };
-            for (is_wasm, addr) in order {
-                // For profiling one side alone: `-- throughput wasm-only`.
-                if arg(if is_wasm { "native-only" } else { "wasm-only" }) {
-                    continue;
-                }
-                let samples = clients_rt.block_on(load(mcp_uri(addr), clients))?;
-                let rate = samples.len() as f64 / MEASURE.as_secs_f64();
-                if is_wasm {
-                    wasm_rates.push(rate);
-                    wasm_samples.extend(samples);
-                } else {
-                    native_rates.push(rate);
-                    native_samples.extend(samples);
-                }
+    let only = std::env::args().find_map(|a| a.strip_prefix("side=").map(str::to_owned));
+    let only = match only {
+        Some(name) => Some(
+            sides
+                .iter()
+                .position(|s| s.name == name)
+                .with_context(|| format!("side={name}: no such side"))?,
+        ),
+        None => None,
+    };
+    let addrs: Vec<SocketAddr> = sides.iter().map(|s| s.addr).collect();
+    // `clients=N`: that many clients only, for a profile of one load.
+    let client_counts: Vec<usize> =
+        match std::env::args().find_map(|a| a.strip_prefix("clients=")?.parse().ok()) {
+            Some(n) => vec![n],
+            None => CLIENTS.to_vec(),
+        };
+    for clients in client_counts {
+        let (runs, calls_served) =
+            interleaved(clients_rt, &addrs, clients, ROUNDS, (WARMUP, MEASURE), only)?;
+        println!("clients = {clients}");
+        for (side, runs) in sides.iter().zip(&runs) {
+            if !runs.rates.is_empty() {
+                println!(
+                    "   {}   server CPU {:>6.1} µs/call",
+                    runs.figures().line(side.label),
+                    runs.median_cpu()
+                );
             }
         }
-        figures.push(LoadFigures {
-            rates: wasm_rates,
-            samples: Samples::new(wasm_samples),
-        });
-        figures.push(LoadFigures {
-            rates: native_rates,
-            samples: Samples::new(native_samples),
-        });
-        if arg("wasm-only") || arg("native-only") {
-            println!("clients = {clients}: one side only, no ratio");
-            for (label, f) in [("cordon wasm", &figures[0]), ("native rmcp", &figures[1])] {
-                if !f.rates.is_empty() {
-                    println!("   {}", f.line(label));
-                }
-            }
+        if only.is_some() {
+            println!("   calls served (warm-up estimated at the measured rate): {calls_served:.0}");
             continue;
         }
-        let ratio = figures[0].median_rate() / figures[1].median_rate();
-        println!("clients = {clients}");
-        println!("   {}", figures[0].line("cordon wasm"));
-        println!("   {}", figures[1].line("native rmcp"));
-        println!("   ratio wasm/native {ratio:.2}   (target ≥ 0.8)");
+        let ratio = |a: usize, b: usize| {
+            format!(
+                "throughput {:.2} | {:.2}, server CPU per call {:.2} | {:.2}",
+                runs[a].figures().median_rate() / runs[b].figures().median_rate(),
+                paired(&runs[a].rates, &runs[b].rates, |x, y| x / y),
+                runs[a].median_cpu() / runs[b].median_cpu(),
+                paired(&runs[a].cpu_per_call, &runs[b].cpu_per_call, |x, y| x / y),
+            )
+        };
+        println!(
+            "   {} / {}: {}   (target: throughput ≥ 0.8)",
+            sides[0].label,
+            sides[1].label,
+            ratio(0, 1)
+        );
+        println!(
+            "   {} / {}: {}",
+            sides[0].label,
+            sides[2].label,
+            ratio(0, 2)
+        );
     }
     Ok(())
 }
@@ -863,24 +979,51 @@ fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let config = bench_config();
     let sandbox = servers_rt.block_on(common::Sandbox::new(&["conformance"], NO_TENANCY));
-    let (wasm, native, default) = servers_rt.block_on(async {
+    let (wasm, native, rmcp, default) = servers_rt.block_on(async {
         let dispatcher = sandbox.app.dispatcher.clone();
         let wasm = start(
             cordon::server::router(dispatcher.clone(), no_auth(), &config, shutdown.clone()),
             shutdown.clone(),
         )
         .await?;
-        let native = start(native_router(&config, shutdown.clone()), shutdown.clone()).await?;
+        let native = start(
+            cordon::server::router(
+                native_dispatcher(&dispatcher)?,
+                no_auth(),
+                &config,
+                shutdown.clone(),
+            ),
+            shutdown.clone(),
+        )
+        .await?;
+        let rmcp = start(native_router(&config, shutdown.clone()), shutdown.clone()).await?;
         let default = start(
             cordon::server::router(dispatcher, no_auth(), &Default::default(), shutdown.clone()),
             shutdown.clone(),
         )
         .await?;
-        anyhow::Ok((wasm, native, default))
+        anyhow::Ok((wasm, native, rmcp, default))
     })?;
 
     if !arg("out-of-the-box") {
-        throughput(&clients_rt, wasm, native)?;
+        let sides = [
+            Side {
+                label: "cordon wasm",
+                name: "wasm",
+                addr: wasm,
+            },
+            Side {
+                label: "cordon native",
+                name: "native",
+                addr: native,
+            },
+            Side {
+                label: "bare rmcp",
+                name: "rmcp",
+                addr: rmcp,
+            },
+        ];
+        throughput(&clients_rt, &sides)?;
         if arg("throughput") {
             return Ok(());
         }
@@ -979,12 +1122,8 @@ fn tenancy(
     clients_rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
     const CLIENTS: usize = 16;
-    // Many short rounds rather than a few long ones: the servers take turns
-    // every 1.25 s, so the per-round pairs see nearly the same machine, and
-    // the medians shrug off the rounds a neighbour disturbed.
+    // More rounds than section 1: the costs measured here are small.
     const ROUNDS: usize = 21;
-    const WARMUP: Duration = Duration::from_millis(250);
-    const MEASURE: Duration = Duration::from_secs(1);
     let secret = tempfile::NamedTempFile::new()?;
     std::fs::write(
         secret.path(),
@@ -1077,74 +1216,23 @@ fn tenancy(
         MEASURE.as_secs()
     );
     let n = setups.len();
-    let mut rates = vec![Vec::new(); n];
-    let mut samples = vec![Vec::new(); n];
-    let mut cpu_per_call = vec![Vec::new(); n];
     // `only=I` loads server I alone (the others idle), for a profile of it.
     let only: Option<usize> = std::env::args().find_map(|a| a.strip_prefix("only=")?.parse().ok());
     anyhow::ensure!(only.is_none_or(|i| i < n), "only=I: I must be below {n}");
-    let mut calls_served = 0.0;
-    for round in 0..ROUNDS {
-        // Rotate the order so that drift hurts every server alike.
-        for k in 0..n {
-            let i = (round + k) % n;
-            if only.is_some_and(|only| only != i) {
-                continue;
-            }
-            let cpu_before = server_cpu_time()?;
-            let run = clients_rt.block_on(load_for(mcp_uri(addrs[i]), CLIENTS, WARMUP, MEASURE))?;
-            let cpu = server_cpu_time()? - cpu_before;
-            // Warm-up calls are not in `run` but used CPU too: count them
-            // at the measured rate.
-            let calls = run.len() as f64 * (WARMUP + MEASURE).as_secs_f64() / MEASURE.as_secs_f64();
-            calls_served += calls;
-            cpu_per_call[i].push(cpu.as_secs_f64() * 1e6 / calls.max(1.0));
-            rates[i].push(run.len() as f64 / MEASURE.as_secs_f64());
-            samples[i].extend(run);
-        }
-    }
+    let (runs, calls_served) =
+        interleaved(clients_rt, &addrs, CLIENTS, ROUNDS, (WARMUP, MEASURE), only)?;
     if let Some(i) = only {
-        let mut cpu = std::mem::take(&mut cpu_per_call[i]);
-        cpu.sort_by(f64::total_cmp);
-        let figures = LoadFigures {
-            rates: std::mem::take(&mut rates[i]),
-            samples: Samples::new(std::mem::take(&mut samples[i])),
-        };
-        println!("   {}", figures.line(setups[i].0));
-        println!("   server CPU per call: {:.1} µs", cpu[cpu.len() / 2]);
+        println!("   {}", runs[i].figures().line(setups[i].0));
+        println!("   server CPU per call: {:.1} µs", runs[i].median_cpu());
         println!("   calls served (warm-up estimated at the measured rate): {calls_served:.0}");
         shutdown.cancel();
         return Ok(());
     }
-    let figures: Vec<LoadFigures> = rates
-        .into_iter()
-        .zip(samples)
-        .map(|(rates, samples)| LoadFigures {
-            rates,
-            samples: Samples::new(samples),
-        })
-        .collect();
-    for ((label, _, _), f) in setups.iter().zip(&figures) {
-        println!("   {}", f.line(label));
+    for ((label, _, _), runs) in setups.iter().zip(&runs) {
+        println!("   {}", runs.figures().line(label));
     }
-    let base = figures[0].median_rate();
     // Throughput moves with the machine's other tenants from run to run;
     // the CPU the server spends per call hardly does.
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    // Costs are also taken round by round (each server against "all off"
-    // in the same round, minutes apart at most) and their median reported:
-    // that cancels most of the drift between rounds.
-    let paired = |values: &[Vec<f64>], i: usize, cost: fn(f64, f64) -> f64| {
-        let mut costs: Vec<f64> = values[i]
-            .iter()
-            .zip(&values[0])
-            .map(|(&v, &off)| cost(v, off))
-            .collect();
-        median(&mut costs)
-    };
     let rate_cost = |v: f64, off: f64| (1.0 - v / off) * 100.0;
     let cpu_cost = |v: f64, off: f64| (v / off - 1.0) * 100.0;
     println!(
@@ -1152,16 +1240,15 @@ fn tenancy(
          cost against \"all off\" (target ≤ 10 % for batched): of the medians | median of the \
          {ROUNDS} per-round costs"
     );
-    let rates: Vec<Vec<f64>> = figures.iter().map(|f| f.rates.clone()).collect();
-    let cpu: Vec<f64> = cpu_per_call.clone().iter_mut().map(median).collect();
-    for (i, (label, _, _)) in setups.iter().enumerate() {
+    let base = &runs[0];
+    for ((label, _, _), runs) in setups.iter().zip(&runs) {
         println!(
             "   {label:<26} {:>7.1} µs   throughput cost {:>5.1} % | {:>5.1} %   CPU cost {:>5.1} % | {:>5.1} %",
-            cpu[i],
-            rate_cost(figures[i].median_rate(), base),
-            paired(&rates, i, rate_cost),
-            cpu_cost(cpu[i], cpu[0]),
-            paired(&cpu_per_call, i, cpu_cost),
+            runs.median_cpu(),
+            rate_cost(runs.figures().median_rate(), base.figures().median_rate()),
+            paired(&runs.rates, &base.rates, rate_cost),
+            cpu_cost(runs.median_cpu(), base.median_cpu()),
+            paired(&runs.cpu_per_call, &base.cpu_per_call, cpu_cost),
         );
     }
 

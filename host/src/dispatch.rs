@@ -17,7 +17,9 @@ use tracing::Instrument as _;
 use crate::audit::{AuditEvent, AuditLog, EventKind};
 use crate::config::Config;
 use crate::policy::Policy;
-use crate::runtime::{CallFailure, CallOutcome, CallSpec, EventSink, RegistryHandle};
+use crate::runtime::{
+    CallFailure, CallOutcome, CallSpec, EventSink, RegistryHandle, ToolComponent,
+};
 
 /// Who is calling. Transports fill it from the authenticated request; the
 /// CLI and stdio use the operator-named local principal.
@@ -130,6 +132,8 @@ pub struct Dispatcher {
     hard_stop: CancellationToken,
     /// Numbers calls for logs and traces.
     next_call_id: AtomicU64,
+    #[cfg(feature = "bench-native-tool")]
+    native: native::NativeTools,
 }
 
 /// Counts a running call until dropped.
@@ -158,7 +162,19 @@ impl Dispatcher {
             finished: tokio::sync::Notify::new(),
             hard_stop: CancellationToken::new(),
             next_call_id: AtomicU64::new(1),
+            #[cfg(feature = "bench-native-tool")]
+            native: Default::default(),
         })
+    }
+
+    /// Benchmark only: calls to `tool` are answered by `answer`, in this
+    /// process, instead of by a sandboxed instance. Everything else about the
+    /// call (transport, policy, quotas, argument checks, grants, metrics,
+    /// audit) stays as it is, so the difference is what the sandbox costs.
+    #[cfg(feature = "bench-native-tool")]
+    pub fn answer_natively(mut self, tool: &str, answer: native::NativeTool) -> Self {
+        self.native.0.insert(tool.to_owned(), answer);
+        self
     }
 
     /// What keeps this instance from serving (empty when ready): no tool
@@ -400,10 +416,7 @@ impl Dispatcher {
         // At the end of the shutdown grace period the call is dropped, which
         // stops the guest like a deadline does.
         let outcome = tokio::select! {
-            outcome = self
-                .registry
-                .runtime()
-                .call(&entry.component, &request.tool, &arguments, spec) => outcome,
+            outcome = self.run(&entry.component, &request.tool, &arguments, spec) => outcome,
             _ = self.hard_stop.cancelled() => CallOutcome {
                 result: Err(CallFailure::Cancelled),
                 stats: Default::default(),
@@ -424,6 +437,27 @@ impl Dispatcher {
         event.fuel = outcome.stats.fuel_consumed;
         event.peak_memory_bytes = Some(outcome.stats.peak_memory);
         self.finish(event, started, outcome).await
+    }
+
+    /// Runs the tool in a fresh sandboxed instance.
+    async fn run(
+        &self,
+        component: &ToolComponent,
+        tool: &str,
+        arguments: &str,
+        spec: CallSpec,
+    ) -> CallOutcome {
+        #[cfg(feature = "bench-native-tool")]
+        if let Some(answer) = self.native.0.get(tool) {
+            return CallOutcome {
+                result: answer(arguments),
+                stats: Default::default(),
+            };
+        }
+        self.registry
+            .runtime()
+            .call(component, tool, arguments, spec)
+            .await
     }
 
     /// Writes the call's record, then hands the outcome back. Under
@@ -485,6 +519,32 @@ impl Dispatcher {
             ));
         }
         outcome
+    }
+}
+
+/// Native tools for the transport benchmark's baseline (see
+/// [`Dispatcher::answer_natively`]). Not in any build of the `cordon` binary:
+/// a deployment runs every tool in the sandbox.
+#[cfg(feature = "bench-native-tool")]
+pub mod native {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use crate::runtime::CallFailure;
+
+    /// Answers a call from its serialized arguments.
+    pub type NativeTool = Arc<
+        dyn Fn(&str) -> Result<rmcp::model::CallToolResult, CallFailure> + Send + Sync + 'static,
+    >;
+
+    /// The native tools by name.
+    #[derive(Default)]
+    pub(super) struct NativeTools(pub(super) HashMap<String, NativeTool>);
+
+    impl std::fmt::Debug for NativeTools {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_set().entries(self.0.keys()).finish()
+        }
     }
 }
 
