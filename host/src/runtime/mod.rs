@@ -412,12 +412,12 @@ fn engine_config(settings: &EngineSettings, in_place_reset_bytes: u64) -> Config
         // Returning an instance's pages to the kernel (madvise) makes every
         // CPU running one of our threads flush its TLB; batching the
         // decommits turns one interrupt per call into one per batch.
-        .decommit_batch_size(32)
-        // Reuse the slots used last rather than cycle through the pool:
-        // only as many slots as calls ever ran at once hold resident memory
-        // (up to `keep_resident_bytes` each), and a call starts on slots
-        // more likely to be in the CPU's caches.
-        .max_unused_warm_slots(0);
+        .decommit_batch_size(32);
+    // `max_unused_warm_slots` stays at wasmtime's default (100): at 0 the
+    // pool reuses the last slots, but two tools called in turn then keep
+    // taking each other's memory slot, and remapping a slot to another
+    // module's image costs a page fault per page touched. It did not
+    // measurably speed up the single-tool benchmark either.
     // A fresh instance would otherwise start on pages the kernel just took
     // away: a page fault per page it touches (copy-on-write for its data)
     // and a TLB shootdown across CPUs for each release. With PAGEMAP_SCAN
