@@ -444,10 +444,9 @@ impl Samples {
     }
 }
 
-/// `clients` tasks, each with its own connection, calling in a loop for
-/// WARMUP + MEASURE; returns the latencies of the calls started in MEASURE.
-/// Loads `uri` with `clients` clients calling in a loop; returns the
-/// latencies (ns) of the calls that started after `warmup`.
+/// `clients` tasks, each with its own connection, calling `uri` in a loop
+/// for `warmup` + `measure`; returns the latencies (ns) of the calls started
+/// after `warmup`.
 async fn load(
     uri: http::Uri,
     clients: usize,
@@ -527,30 +526,6 @@ fn thousands(n: f64) -> String {
     out
 }
 
-struct LoadFigures {
-    rates: Vec<f64>,
-    samples: Samples,
-}
-
-impl LoadFigures {
-    fn median_rate(&self) -> f64 {
-        median(&self.rates)
-    }
-
-    fn line(&self, label: &str) -> String {
-        let min = self.rates.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = self.rates.iter().copied().fold(0.0, f64::max);
-        format!(
-            "{label:<13} {:>8} calls/s ({:>6}–{:>6})   p50 {:>6.3} ms   p99 {:>6.3} ms",
-            thousands(self.median_rate()),
-            thousands(min),
-            thousands(max),
-            self.samples.percentile_ms(0.50),
-            self.samples.percentile_ms(0.99),
-        )
-    }
-}
-
 /// Whether `flag` is on the command line (`throughput`, `out-of-the-box`,
 /// `tenancy`: one section alone; `breakdown`, `aa`: more servers in
 /// section 4).
@@ -570,11 +545,23 @@ struct Runs {
 }
 
 impl Runs {
-    fn figures(&self) -> LoadFigures {
-        LoadFigures {
-            rates: self.rates.clone(),
-            samples: Samples::new(self.samples.clone()),
-        }
+    /// The line the tables print: rates and pooled latencies.
+    fn line(&self, label: &str) -> String {
+        let min = self.rates.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.rates.iter().copied().fold(0.0, f64::max);
+        let samples = Samples::new(self.samples.clone());
+        format!(
+            "{label:<13} {:>8} calls/s ({:>6}–{:>6})   p50 {:>6.3} ms   p99 {:>6.3} ms",
+            thousands(self.median_rate()),
+            thousands(min),
+            thousands(max),
+            samples.percentile_ms(0.50),
+            samples.percentile_ms(0.99),
+        )
+    }
+
+    fn median_rate(&self) -> f64 {
+        median(&self.rates)
     }
 
     fn median_cpu(&self) -> f64 {
@@ -679,7 +666,7 @@ fn throughput(clients_rt: &tokio::runtime::Runtime, sides: &[Side; 3]) -> anyhow
             if !runs.rates.is_empty() {
                 println!(
                     "   {}   server CPU {:>6.1} µs/call",
-                    runs.figures().line(side.label),
+                    runs.line(side.label),
                     runs.median_cpu()
                 );
             }
@@ -691,7 +678,7 @@ fn throughput(clients_rt: &tokio::runtime::Runtime, sides: &[Side; 3]) -> anyhow
         let ratio = |a: usize, b: usize| {
             format!(
                 "throughput {:.2} | {:.2}, server CPU per call {:.2} | {:.2}",
-                runs[a].figures().median_rate() / runs[b].figures().median_rate(),
+                runs[a].median_rate() / runs[b].median_rate(),
                 paired(&runs[a].rates, &runs[b].rates, |x, y| x / y),
                 runs[a].median_cpu() / runs[b].median_cpu(),
                 paired(&runs[a].cpu_per_call, &runs[b].cpu_per_call, |x, y| x / y),
@@ -1222,14 +1209,14 @@ fn tenancy(
     let (runs, calls_served) =
         interleaved(clients_rt, &addrs, CLIENTS, ROUNDS, (WARMUP, MEASURE), only)?;
     if let Some(i) = only {
-        println!("   {}", runs[i].figures().line(setups[i].0));
+        println!("   {}", runs[i].line(setups[i].0));
         println!("   server CPU per call: {:.1} µs", runs[i].median_cpu());
         println!("   calls served (warm-up estimated at the measured rate): {calls_served:.0}");
         shutdown.cancel();
         return Ok(());
     }
     for ((label, _, _), runs) in setups.iter().zip(&runs) {
-        println!("   {}", runs.figures().line(label));
+        println!("   {}", runs.line(label));
     }
     // Throughput moves with the machine's other tenants from run to run;
     // the CPU the server spends per call hardly does.
@@ -1245,7 +1232,7 @@ fn tenancy(
         println!(
             "   {label:<26} {:>7.1} µs   throughput cost {:>5.1} % | {:>5.1} %   CPU cost {:>5.1} % | {:>5.1} %",
             runs.median_cpu(),
-            rate_cost(runs.figures().median_rate(), base.figures().median_rate()),
+            rate_cost(runs.median_rate(), base.median_rate()),
             paired(&runs.rates, &base.rates, rate_cost),
             cpu_cost(runs.median_cpu(), base.median_cpu()),
             paired(&runs.cpu_per_call, &base.cpu_per_call, cpu_cost),
