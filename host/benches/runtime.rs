@@ -2,7 +2,8 @@
 //!
 //! - one call of a trivial tool: fresh Store + instantiate + call + drop
 //!   (p50/p99 over many calls), straight into the runtime and through the
-//!   dispatcher (argument check, grants, limits);
+//!   dispatcher (argument check, grants, limits); and the same call with
+//!   cold caches (16 MiB written between calls);
 //! - start-up of a directory of 50 tool components, with a cold and a warm
 //!   compile cache.
 //!
@@ -22,6 +23,10 @@ use cordon::runtime::{CallSpec, EventSink};
 const WARMUP: usize = 2_000;
 const ITERATIONS: usize = 20_000;
 const COMPONENTS: usize = 50;
+/// Calls, and the buffer written before each, of the cold-cache variant.
+const COLD_WARMUP: usize = 200;
+const COLD_ITERATIONS: usize = 2_000;
+const COLD_BUFFER: usize = 16 << 20;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -57,20 +62,34 @@ fn distinct_copy(wasm: &[u8], n: usize) -> Vec<u8> {
 /// Calls `tool` straight into the runtime, many times, and reports the
 /// whole call and its two stages.
 async fn runtime_calls(sandbox: &common::Sandbox, label: &str, tool: &str, args: &str) {
+    runtime_calls_with(sandbox, label, tool, args, (WARMUP, ITERATIONS), || ()).await
+}
+
+/// [`runtime_calls`] with `between` run before each call (outside the
+/// timing) and its own numbers of calls.
+async fn runtime_calls_with(
+    sandbox: &common::Sandbox,
+    label: &str,
+    tool: &str,
+    args: &str,
+    (warmup, iterations): (usize, usize),
+    mut between: impl FnMut(),
+) {
     let registry = sandbox.app.dispatcher.registry().snapshot();
     let entry = registry.tool(tool).expect("tool is loaded").clone();
     let runtime = sandbox.app.dispatcher.registry().runtime().clone();
-    let mut samples = Vec::with_capacity(ITERATIONS);
-    let mut instantiate = Vec::with_capacity(ITERATIONS);
-    let mut execute = Vec::with_capacity(ITERATIONS);
-    for i in 0..WARMUP + ITERATIONS {
+    let mut samples = Vec::with_capacity(iterations);
+    let mut instantiate = Vec::with_capacity(iterations);
+    let mut execute = Vec::with_capacity(iterations);
+    for i in 0..warmup + iterations {
+        between();
         let started = Instant::now();
         let outcome = runtime
             .call(&entry.component, tool, args, CallSpec::bare())
             .await;
         let elapsed = started.elapsed();
         assert!(outcome.result.is_ok());
-        if i >= WARMUP {
+        if i >= warmup {
             samples.push(elapsed);
             instantiate.push(outcome.stats.instantiate);
             execute.push(outcome.stats.execute);
@@ -87,6 +106,25 @@ async fn single_call() {
     runtime_calls(&sandbox, "trivial tool `ok`", "ok", "{}").await;
     // `echo` through the Rust SDK (argument parsing, tool table): a typical small tool.
     runtime_calls(&sandbox, "SDK tool `echo`", "echo", r#"{"message":"hi"}"#).await;
+    // The same with cold caches: a server does other work between calls
+    // (HTTP, JSON, other requests), which a tight loop does not model.
+    // Writing a buffer much larger than L2 between calls evicts the
+    // instance's lines and TLB entries, as in the transport benchmark.
+    let mut other_work = vec![0u8; COLD_BUFFER];
+    runtime_calls_with(
+        &sandbox,
+        &format!("`echo`, {} MiB written between calls", COLD_BUFFER >> 20),
+        "echo",
+        r#"{"message":"hi"}"#,
+        (COLD_WARMUP, COLD_ITERATIONS),
+        || {
+            for (i, byte) in other_work.iter_mut().enumerate().step_by(64) {
+                *byte = byte.wrapping_add(i as u8);
+            }
+            std::hint::black_box(&other_work);
+        },
+    )
+    .await;
 
     let principal = Principal::local("bench");
     let mut samples = Vec::with_capacity(ITERATIONS);
