@@ -8,7 +8,7 @@
 //!   compile cache.
 //!
 //! Run: `cargo bench -p cordon --bench runtime` (prints the figures that
-//! BENCHMARKS.md records).
+//! BENCHMARKS.md records); `-- calls` skips the start-up figures.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -186,7 +186,6 @@ async fn cold_start() {
 }
 
 fn main() {
-    // cargo bench passes `--bench`; nothing else to parse.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -197,5 +196,8 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     rt.block_on(single_call());
-    rt.block_on(cold_start());
+    // `-- calls`: the calls alone (start-up takes a minute).
+    if !std::env::args().any(|a| a == "calls") {
+        rt.block_on(cold_start());
+    }
 }
