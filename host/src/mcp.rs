@@ -362,7 +362,10 @@ impl ServerHandler for McpHandler {
                 match change {
                     // A lagged receiver still means "changed": tell the client once.
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        if peer.notify_tool_list_changed().await.is_err() {
+                        // Boxed: this task lives as long as the session, and
+                        // the sending future would otherwise take room in it
+                        // for a notification that comes only on a reload.
+                        if Box::pin(peer.notify_tool_list_changed()).await.is_err() {
                             break;
                         }
                     }
