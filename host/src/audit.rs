@@ -363,6 +363,15 @@ impl BufferPool {
             .unwrap_or_else(|| Vec::with_capacity(512))
     }
 
+    /// Sets `buffer` aside in `spare` for [`give_back`](Self::give_back),
+    /// emptied, unless it is too large or `spare` is full (then it is freed).
+    fn set_aside(spare: &mut Vec<Vec<u8>>, mut buffer: Vec<u8>) {
+        if buffer.capacity() <= Self::MAX_BUFFER_BYTES && spare.len() < Self::MAX_BUFFERS {
+            buffer.clear();
+            spare.push(buffer);
+        }
+    }
+
     /// Takes back the buffers in `spare` (emptied), up to the pool's size.
     fn give_back(&self, spare: &mut Vec<Vec<u8>>) {
         if spare.is_empty() {
@@ -1354,13 +1363,7 @@ impl Writer {
             }
             Msg::Record { event, time, done } => {
                 self.append(&event, time);
-                if event.0.capacity() <= BufferPool::MAX_BUFFER_BYTES
-                    && self.spare.len() < BufferPool::MAX_BUFFERS
-                {
-                    let mut buffer = event.0;
-                    buffer.clear();
-                    self.spare.push(buffer);
-                }
+                BufferPool::set_aside(&mut self.spare, event.0);
                 self.dirty_since.get_or_insert_with(Instant::now);
                 if let Some(done) = done {
                     self.waiters.push(done);
