@@ -99,8 +99,17 @@ impl Http {
     /// Opens `GET /sse` with extra `headers`; returns the status and, on
     /// success, the event stream.
     async fn get_sse(&self, headers: &[(&str, &str)]) -> (StatusCode, Option<EventStream>) {
+        self.get_stream("/sse", headers).await
+    }
+
+    /// Opens `GET path` as an event stream with extra `headers`.
+    async fn get_stream(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Option<EventStream>) {
         let mut request = self
-            .request(Method::GET, "/sse")
+            .request(Method::GET, path)
             .header("accept", "text/event-stream");
         for (k, v) in headers {
             request = request.header(*k, *v);
@@ -157,6 +166,67 @@ impl Http {
         let mut session = self.open_sse().await;
         session.initialize().await;
         session
+    }
+
+    /// Opens a Streamable HTTP session, initializes it and opens its
+    /// `GET /mcp` event stream.
+    async fn streamable_session(&self) -> StreamableSession<'_> {
+        const VERSION: &str = "2025-11-25";
+        let reply = self.send(mcp_post(self), initialize_body(VERSION)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        let id = reply.headers["mcp-session-id"].to_str().unwrap().to_owned();
+        let session = StreamableSession {
+            server: self,
+            id,
+            _stream: None,
+        };
+        let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        let reply = session.post(initialized).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+        let (status, stream) = self
+            .get_stream(
+                "/mcp",
+                &[
+                    ("mcp-session-id", &session.id),
+                    ("mcp-protocol-version", VERSION),
+                ],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        StreamableSession {
+            _stream: stream,
+            ..session
+        }
+    }
+}
+
+/// An initialized Streamable HTTP session and its open notification stream.
+struct StreamableSession<'a> {
+    server: &'a Http,
+    id: String,
+    /// Held open: the server keeps the session's notification stream.
+    _stream: Option<EventStream>,
+}
+
+impl StreamableSession<'_> {
+    async fn post(&self, message: Value) -> Reply {
+        let request = mcp_post(self.server)
+            .header("mcp-session-id", &self.id)
+            .header("mcp-protocol-version", "2025-11-25");
+        self.server.send(request, message.to_string()).await
+    }
+
+    /// A request's result, answered in JSON (panics on a JSON-RPC error).
+    async fn result(&self, method: &str, params: Value) -> Value {
+        let reply = self
+            .post(json!({"jsonrpc": "2.0", "id": 2, "method": method, "params": params}))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        reply
+            .json()
+            .get("result")
+            .unwrap_or_else(|| panic!("{method} failed: {}", reply.body))
+            .clone()
     }
 }
 
@@ -815,7 +885,7 @@ async fn streamable_http_sessions_open_fail_and_close() {
 }
 
 // ---------------------------------------------------------------------------
-// Memory per idle SSE session
+// Memory per idle session
 
 /// Counts the bytes allocated minus freed on the current thread, so a
 /// current-thread test can measure what its server and client hold.
@@ -856,11 +926,43 @@ fn net_bytes() -> isize {
     NET_BYTES.with(Cell::get)
 }
 
-/// Target: an idle, initialized SSE session costs the server at most 64 KiB.
-/// The server runs on this test's thread, the client on another, so the
-/// count is the server's alone.
-#[tokio::test(flavor = "current_thread")]
-async fn an_idle_sse_session_costs_the_server_less_than_64_kib() {
+/// The transports whose idle sessions are measured.
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Sse,
+    Streamable,
+}
+
+/// An open session of either transport.
+#[allow(dead_code, reason = "held only to keep the session open")]
+enum IdleSession<'a> {
+    Sse(SseSession<'a>),
+    Streamable(StreamableSession<'a>),
+}
+
+impl Http {
+    /// Opens an initialized session with its event stream, and makes one
+    /// round trip (`method`) on it.
+    async fn idle_session(&self, transport: Transport, method: &str) -> IdleSession<'_> {
+        match transport {
+            Transport::Sse => {
+                let mut session = self.sse_session().await;
+                session.result(method, json!({})).await;
+                IdleSession::Sse(session)
+            }
+            Transport::Streamable => {
+                let session = self.streamable_session().await;
+                session.result(method, json!({})).await;
+                IdleSession::Streamable(session)
+            }
+        }
+    }
+}
+
+/// What one idle, initialized session with its event stream open costs the
+/// server, in bytes of heap. The server runs on this test's thread, the
+/// client on another, so the count is the server's alone.
+async fn idle_session_bytes(transport: Transport) -> isize {
     const SESSIONS: usize = 100;
     let server = start(&["conformance"], "[audit]\nenabled = false\n", false).await;
 
@@ -876,15 +978,12 @@ async fn an_idle_sse_session_costs_the_server_less_than_64_kib() {
         runtime.block_on(async move {
             let http = Http::new(base);
             // Warm up lazily allocated state on both sides.
-            let mut warm = http.sse_session().await;
-            warm.result("tools/list", json!({})).await;
+            let warm = http.idle_session(transport, "tools/list").await;
             phase_tx.send("warm").unwrap();
             go_rx.await.unwrap();
             let mut sessions = Vec::new();
             for _ in 0..SESSIONS {
-                let mut session = http.sse_session().await;
-                session.result("ping", json!({})).await;
-                sessions.push(session);
+                sessions.push(http.idle_session(transport, "ping").await);
             }
             phase_tx.send("open").unwrap();
             let _ = done_rx.await;
@@ -902,11 +1001,27 @@ async fn an_idle_sse_session_costs_the_server_less_than_64_kib() {
         tokio::task::yield_now().await;
     }
     let per_session = (net_bytes() - before) / SESSIONS as isize;
-    eprintln!("an idle SSE session costs the server {per_session} bytes");
+    eprintln!("an idle {transport:?} session costs the server {per_session} bytes");
     done_tx.send(()).unwrap();
     tokio::task::spawn_blocking(move || client.join().unwrap())
         .await
         .unwrap();
+    per_session
+}
+
+/// Target: an idle, initialized session costs the server at most 64 KiB.
+#[tokio::test(flavor = "current_thread")]
+async fn an_idle_sse_session_costs_the_server_less_than_64_kib() {
+    let per_session = idle_session_bytes(Transport::Sse).await;
+    assert!(
+        per_session <= 64 * 1024,
+        "{per_session} bytes per idle session"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_idle_streamable_http_session_costs_the_server_less_than_64_kib() {
+    let per_session = idle_session_bytes(Transport::Streamable).await;
     assert!(
         per_session <= 64 * 1024,
         "{per_session} bytes per idle session"

@@ -23,8 +23,8 @@
 //!    alone and prints the calls it served (for per-call counts under perf).
 //!
 //! Run: `cargo bench -p cordon --bench transport` (prints the figures that
-//! BENCHMARKS.md records); `-- throughput`, `-- out-of-the-box` and
-//! `-- tenancy` run sections 1, 2 and 4 alone; `-- throughput side=wasm`
+//! BENCHMARKS.md records); `-- throughput`, `-- out-of-the-box`,
+//! `-- idle` and `-- tenancy` run sections 1, 2, 3 and 4 alone; `-- throughput side=wasm`
 //! (or `native`, `rmcp`) measures one side of section 1, and `clients=N`
 //! one load, for profiling.
 //!
@@ -963,6 +963,9 @@ fn main() -> anyhow::Result<()> {
     if arg("tenancy") {
         return tenancy(&servers_rt, &clients_rt);
     }
+    if arg("idle") {
+        return idle(&clients_rt);
+    }
     let shutdown = CancellationToken::new();
     let config = bench_config();
     let sandbox = servers_rt.block_on(common::Sandbox::new(&["conformance"], NO_TENANCY));
@@ -1062,6 +1065,13 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
+    idle(&clients_rt)?;
+    tenancy(&servers_rt, &clients_rt)
+}
+
+/// Section 3: resident memory per idle session, each server in a fresh child
+/// process.
+fn idle(clients_rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     println!(
         "\n3. {IDLE_SESSIONS} idle sessions, each initialized with its event stream held open \
          (Streamable HTTP {SESSION_VERSION}: GET /mcp; HTTP+SSE 2024-11-05: GET /sse);\n   \
@@ -1083,7 +1093,7 @@ fn main() -> anyhow::Result<()> {
         ("native rmcp, Streamable HTTP", "native", Idle::Streamable),
         ("cordon, connection, no session", "cordon", Idle::Connection),
     ] {
-        let f = idle_sessions(&clients_rt, server, idle)?;
+        let f = idle_sessions(clients_rt, server, idle)?;
         let per_session = (f.after_kib as f64 - f.before_kib as f64) / f.opened as f64;
         println!(
             "   {label:<31} server RSS {:>6.1} -> {:>6.1} MiB: {per_session:>5.1} KiB per session   \
@@ -1096,7 +1106,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!("   target: ≤ 64 KiB per session");
-    tenancy(&servers_rt, &clients_rt)
+    Ok(())
 }
 
 /// Authentication off (the sandbox default), no tenants, no audit log.
