@@ -205,3 +205,34 @@ async fn a_component_is_loaded_within_its_configured_limits() {
     let app = App::open(config, false).await.unwrap();
     assert!(names(&app).contains(&"text_stats".to_string()));
 }
+
+#[tokio::test]
+async fn a_component_that_imports_nothing_is_served_like_any_other() {
+    // The `trivial` fixture is `no_std` and imports no WASI and none of
+    // Cordon's host interfaces: the linker must not require any import, and
+    // a fresh instance per call must work without a WASI context in use.
+    let wasm = std::fs::read(guest("trivial")).unwrap();
+    let component = wasmtime::component::Component::new(&wasmtime::Engine::default(), &wasm)
+        .expect("the fixture is a valid component");
+    let imports: Vec<String> = component
+        .component_type()
+        .imports(component.engine())
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    assert_eq!(
+        imports,
+        ["cordon:tool/types@0.1.0"],
+        "the fixture grew imports"
+    );
+
+    let sandbox = Sandbox::new(&["trivial"], "").await;
+    assert_eq!(names(&sandbox.app), ["null"]);
+    for _ in 0..3 {
+        let outcome = sandbox.call("null", json!({})).await;
+        let result = outcome.result.expect("null succeeds");
+        assert_eq!(text(&result), "ok");
+        assert_ne!(result.is_error, Some(true));
+    }
+    let outcome = sandbox.call("missing", json!({})).await;
+    assert!(outcome.result.is_err(), "an unknown tool is refused");
+}

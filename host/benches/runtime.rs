@@ -1,9 +1,11 @@
 //! Host-side cost of the sandbox, in release:
 //!
-//! - one call of a trivial tool: fresh Store + instantiate + call + drop
-//!   (p50/p99 over many calls), straight into the runtime and through the
-//!   dispatcher (argument check, grants, limits); and the same call with
-//!   cold caches (16 MiB written between calls);
+//! - one call: fresh Store + instantiate + call + drop (p50/p99 over many
+//!   calls) of three tools: `null` of the `trivial` fixture (`no_std`,
+//!   imports nothing), `ok` of the large `hostile` fixture and the SDK's
+//!   `echo`; straight into the runtime, with warm and with cold caches
+//!   (16 MiB written between calls), and `ok` through the dispatcher
+//!   (argument check, grants, limits);
 //! - start-up of a directory of 50 tool components, with a cold and a warm
 //!   compile cache.
 //!
@@ -88,7 +90,11 @@ async fn runtime_calls_with(
             .call(&entry.component, tool, args, CallSpec::bare())
             .await;
         let elapsed = started.elapsed();
-        assert!(outcome.result.is_ok());
+        assert!(
+            outcome.result.is_ok(),
+            "{tool}: {:?}",
+            outcome.result.as_ref().err()
+        );
         if i >= warmup {
             samples.push(elapsed);
             instantiate.push(outcome.stats.instantiate);
@@ -101,9 +107,13 @@ async fn runtime_calls_with(
 }
 
 async fn single_call() {
-    let sandbox = common::Sandbox::new(&["hostile", "conformance"], "").await;
-    // `ok` (raw WIT bindings, returns a constant): the host-side cost.
-    runtime_calls(&sandbox, "trivial tool `ok`", "ok", "{}").await;
+    let sandbox = common::Sandbox::new(&["hostile", "conformance", "trivial"], "").await;
+    // `null` (the `trivial` fixture: no_std, imports nothing, returns a
+    // constant): the sandbox's own cost, with as little guest as possible.
+    runtime_calls(&sandbox, "trivial tool `null`", "null", "{}").await;
+    // `ok` (raw WIT bindings, returns a constant, in a large component that
+    // imports WASI): the host-side cost of a bigger instance.
+    runtime_calls(&sandbox, "hostile fixture's `ok`", "ok", "{}").await;
     // `echo` through the Rust SDK (argument parsing, tool table): a typical small tool.
     runtime_calls(&sandbox, "SDK tool `echo`", "echo", r#"{"message":"hi"}"#).await;
     // The same with cold caches: a server does other work between calls
@@ -111,20 +121,26 @@ async fn single_call() {
     // Writing a buffer much larger than L2 between calls evicts the
     // instance's lines and TLB entries, as in the transport benchmark.
     let mut other_work = vec![0u8; COLD_BUFFER];
-    runtime_calls_with(
-        &sandbox,
-        &format!("`echo`, {} MiB written between calls", COLD_BUFFER >> 20),
-        "echo",
-        r#"{"message":"hi"}"#,
-        (COLD_WARMUP, COLD_ITERATIONS),
-        || {
-            for (i, byte) in other_work.iter_mut().enumerate().step_by(64) {
-                *byte = byte.wrapping_add(i as u8);
-            }
-            std::hint::black_box(&other_work);
-        },
-    )
-    .await;
+    for (label, tool, args) in [
+        ("`null`", "null", "{}"),
+        ("`ok`", "ok", "{}"),
+        ("`echo`", "echo", r#"{"message":"hi"}"#),
+    ] {
+        runtime_calls_with(
+            &sandbox,
+            &format!("{label}, {} MiB written between calls", COLD_BUFFER >> 20),
+            tool,
+            args,
+            (COLD_WARMUP, COLD_ITERATIONS),
+            || {
+                for (i, byte) in other_work.iter_mut().enumerate().step_by(64) {
+                    *byte = byte.wrapping_add(i as u8);
+                }
+                std::hint::black_box(&other_work);
+            },
+        )
+        .await;
+    }
 
     let principal = Principal::local("bench");
     let mut samples = Vec::with_capacity(ITERATIONS);

@@ -2,12 +2,17 @@
 //!
 //! 1. throughput and latency of `tools/call` in stateless 2026-07-28
 //!    JSON-response mode with 1, 16 and 64 concurrent clients, for Cordon's
-//!    router serving the `echo` tool of the real `conformance` component
-//!    ("cordon wasm"), for the same server answering `echo` with a native
-//!    tool compiled into this benchmark ("cordon native": wasm / native is
-//!    the price of the sandbox), and for the same rmcp Streamable HTTP
-//!    configuration alone, with a native tool and none of Cordon ("bare
-//!    rmcp": wasm / bare is the price of all of Cordon);
+//!    router serving two real components and for the same server answering
+//!    the same tools natively, in process (wasm / native is the price of the
+//!    sandbox):
+//!    - `null` of the `trivial` fixture, the smallest tool a component can
+//!      be (`no_std`, imports nothing), against a native null tool: the
+//!      issue's measure of the sandbox itself;
+//!    - `echo` of the `conformance` component, a small tool built with the
+//!      Rust SDK (`std`, serde), as tools usually are, against a native echo;
+//!    - `echo` from the same rmcp Streamable HTTP configuration alone, with a
+//!      native tool and none of Cordon ("bare rmcp": wasm / bare is the price
+//!      of all of Cordon);
 //! 2. out-of-the-box latency of one client through Cordon's router with the
 //!    default `[server]` settings;
 //! 3. resident memory per idle session: 10,000 sessions, each initialized
@@ -24,9 +29,10 @@
 //!
 //! Run: `cargo bench -p cordon --bench transport` (prints the figures that
 //! BENCHMARKS.md records); `-- throughput`, `-- out-of-the-box`,
-//! `-- idle` and `-- tenancy` run sections 1, 2, 3 and 4 alone; `-- throughput side=wasm`
-//! (or `native`, `rmcp`) measures one side of section 1, and `clients=N`
-//! one load, for profiling.
+//! `-- idle` and `-- tenancy` run sections 1, 2, 3 and 4 alone;
+//! `-- throughput side=NAME` (`wasm-null`, `native-null`, `wasm`, `native`,
+//! `rmcp`) measures one side of section 1, and `clients=N` one load, for
+//! profiling.
 //!
 //! In 1 and 2 the servers run on one tokio runtime and the load driver on
 //! another, in this process (two worker threads each, like two processes
@@ -93,6 +99,32 @@ const MESSAGE: &str = "hello from the transport bench";
 /// to the `_meta` version), `Mcp-Method` and, for `tools/call`, `Mcp-Name`,
 /// besides `Accept: application/json, text/event-stream` on every POST.
 const STATELESS_CALL: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello from the transport bench"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+const STATELESS_NULL_CALL: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"null","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+
+/// A stateless `tools/call` a load makes, and the text its reply must carry.
+#[derive(Clone, Copy)]
+struct ToolCall {
+    tool: &'static str,
+    body: &'static str,
+    expected_text: &'static str,
+}
+
+/// `echo` of the `conformance` component: a small tool built with the Rust
+/// SDK (`std`, serde), as tools usually are.
+const ECHO: ToolCall = ToolCall {
+    tool: "echo",
+    body: STATELESS_CALL,
+    expected_text: MESSAGE,
+};
+
+/// `null` of the `trivial` fixture: the smallest tool a component can be
+/// (`no_std`, imports nothing, returns `ok`), the issue's "trivial WASM tool".
+const NULL: ToolCall = ToolCall {
+    tool: "null",
+    body: STATELESS_NULL_CALL,
+    expected_text: "ok",
+};
+
 const SESSION_CALL: &str = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello from the transport bench"}}}"#;
 const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"}}}"#;
 const INITIALIZE_2024: &str = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"}}}"#;
@@ -148,7 +180,7 @@ impl ServerHandler for NullTool {
 }
 
 /// A dispatcher like `wasm`'s (same registry, configuration and audit log)
-/// that answers `echo` natively, in place of the sandbox: the same server
+/// that answers `echo` and `null` natively, in place of the sandbox: the same server
 /// with a native tool. `echo` reads its arguments as the guest does.
 fn native_dispatcher(
     wasm: &cordon::dispatch::Dispatcher,
@@ -171,6 +203,12 @@ fn native_dispatcher(
                 echo.message,
             )]))
         }),
+    )
+    // The native null tool: ignores its arguments, like the `trivial`
+    // fixture's `null`.
+    .answer_natively(
+        "null",
+        Arc::new(|_arguments: &str| Ok(CallToolResult::success(vec![ContentBlock::text("ok")]))),
     );
     Ok(Arc::new(dispatcher))
 }
@@ -240,9 +278,9 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Checks that a reply carries the echoed message and no error.
-fn check_reply(status: http::StatusCode, body: &[u8]) -> anyhow::Result<()> {
-    let expected = format!(r#""text":"{MESSAGE}""#);
+/// Checks that a reply carries `expected_text` and no error.
+fn check_reply(status: http::StatusCode, body: &[u8], expected_text: &str) -> anyhow::Result<()> {
+    let expected = format!(r#""text":"{expected_text}""#);
     if status != http::StatusCode::OK
         || !contains(body, expected.as_bytes())
         || contains(body, br#""isError":true"#)
@@ -269,17 +307,21 @@ fn post(uri: &http::Uri) -> http::request::Builder {
         .header(http::header::ACCEPT, "application/json, text/event-stream")
 }
 
-/// One stateless 2026-07-28 `tools/call` of `echo`.
-async fn stateless_call(client: &HttpClient, uri: &http::Uri) -> anyhow::Result<()> {
+/// One stateless 2026-07-28 `tools/call`.
+async fn stateless_call(
+    client: &HttpClient,
+    uri: &http::Uri,
+    call: ToolCall,
+) -> anyhow::Result<()> {
     let request = post(uri)
         .header("MCP-Protocol-Version", STATELESS_VERSION)
         .header("Mcp-Method", "tools/call")
-        .header("Mcp-Name", "echo")
-        .body(STATELESS_CALL.to_owned())?;
+        .header("Mcp-Name", call.tool)
+        .body(call.body.to_owned())?;
     let response = client.request(request).await?;
     let status = response.status();
     let body = read_body(response.into_body()).await?;
-    check_reply(status, &body)
+    check_reply(status, &body, call.expected_text)
 }
 
 /// Opens a 2025-11-25 session: `initialize`, then `notifications/initialized`.
@@ -323,7 +365,7 @@ async fn session_call(client: &HttpClient, uri: &http::Uri, session: &str) -> an
     let response = client.request(request).await?;
     let status = response.status();
     let body = read_body(response.into_body()).await?;
-    check_reply(status, &body)
+    check_reply(status, &body, MESSAGE)
 }
 
 /// Something held open for the server (an event stream's response body).
@@ -444,11 +486,12 @@ impl Samples {
     }
 }
 
-/// `clients` tasks, each with its own connection, calling `uri` in a loop
-/// for `warmup` + `measure`; returns the latencies (ns) of the calls started
-/// after `warmup`.
+/// `clients` tasks, each with its own connection, making `call` to `uri` in
+/// a loop for `warmup` + `measure`; returns the latencies (ns) of the calls
+/// started after `warmup`.
 async fn load(
     uri: http::Uri,
+    call: ToolCall,
     clients: usize,
     warmup: Duration,
     measure: Duration,
@@ -468,7 +511,7 @@ async fn load(
                     if started >= until {
                         break;
                     }
-                    stateless_call(&client, &uri).await?;
+                    stateless_call(&client, &uri, call).await?;
                     if started >= measure_from {
                         samples.push(started.elapsed().as_nanos() as u64);
                     }
@@ -551,7 +594,7 @@ impl Runs {
         let max = self.rates.iter().copied().fold(0.0, f64::max);
         let samples = Samples::new(self.samples.clone());
         format!(
-            "{label:<13} {:>8} calls/s ({:>6}–{:>6})   p50 {:>6.3} ms   p99 {:>6.3} ms",
+            "{label:<14} {:>8} calls/s ({:>6}–{:>6})   p50 {:>6.3} ms   p99 {:>6.3} ms",
             thousands(self.median_rate()),
             thousands(min),
             thousands(max),
@@ -584,20 +627,20 @@ fn paired(a: &[f64], b: &[f64], cost: fn(f64, f64) -> f64) -> f64 {
     median(&costs)
 }
 
-/// Loads the servers at `addrs` in turn with `clients` clients, `rounds`
-/// times, each run `warmup` + `measure` long; the order rotates from round
+/// Loads the `targets` (a server and the call to make) in turn with
+/// `clients` clients, `rounds` times, each run `warmup` + `measure` long; the order rotates from round
 /// to round so that drift hurts every server alike. With `only`, that
 /// server alone is loaded. Returns the runs and the calls served (warm-up
 /// calls estimated at the measured rate).
 fn interleaved(
     clients_rt: &tokio::runtime::Runtime,
-    addrs: &[SocketAddr],
+    targets: &[(SocketAddr, ToolCall)],
     clients: usize,
     rounds: usize,
     (warmup, measure): (Duration, Duration),
     only: Option<usize>,
 ) -> anyhow::Result<(Vec<Runs>, f64)> {
-    let n = addrs.len();
+    let n = targets.len();
     let mut runs: Vec<Runs> = (0..n).map(|_| Runs::default()).collect();
     let mut calls_served = 0.0;
     for round in 0..rounds {
@@ -607,7 +650,8 @@ fn interleaved(
                 continue;
             }
             let cpu_before = server_cpu_time()?;
-            let run = clients_rt.block_on(load(mcp_uri(addrs[i]), clients, warmup, measure))?;
+            let (addr, call) = targets[i];
+            let run = clients_rt.block_on(load(mcp_uri(addr), call, clients, warmup, measure))?;
             let cpu = server_cpu_time()? - cpu_before;
             // Warm-up calls are not in `run` but used CPU too: count them
             // at the measured rate.
@@ -630,11 +674,19 @@ struct Side {
     /// Its name for `side=NAME` (profile one side alone).
     name: &'static str,
     addr: SocketAddr,
+    call: ToolCall,
 }
 
-fn throughput(clients_rt: &tokio::runtime::Runtime, sides: &[Side; 3]) -> anyhow::Result<()> {
+/// Section 1's sides, in the order [`throughput`] compares them.
+const WASM_NULL: usize = 0;
+const NATIVE_NULL: usize = 1;
+const WASM_ECHO: usize = 2;
+const NATIVE_ECHO: usize = 3;
+const BARE_RMCP: usize = 4;
+
+fn throughput(clients_rt: &tokio::runtime::Runtime, sides: &[Side; 5]) -> anyhow::Result<()> {
     println!(
-        "\n1. tools/call `echo`, stateless {STATELESS_VERSION}, JSON responses, keep-alive + TCP_NODELAY;\n   \
+        "\n1. tools/call `null` and `echo`, stateless {STATELESS_VERSION}, JSON responses, keep-alive + TCP_NODELAY;\n   \
          {ROUNDS} rounds, each server in turn (order rotating) for {} ms warm-up + {} ms measured;\n   \
          calls/s and server CPU per call = median of the runs, latencies pooled; ratios: of the \
          medians | median of the per-round ratios",
@@ -651,7 +703,7 @@ fn throughput(clients_rt: &tokio::runtime::Runtime, sides: &[Side; 3]) -> anyhow
         ),
         None => None,
     };
-    let addrs: Vec<SocketAddr> = sides.iter().map(|s| s.addr).collect();
+    let targets: Vec<(SocketAddr, ToolCall)> = sides.iter().map(|s| (s.addr, s.call)).collect();
     // `clients=N`: that many clients only, for a profile of one load.
     let client_counts: Vec<usize> =
         match std::env::args().find_map(|a| a.strip_prefix("clients=")?.parse().ok()) {
@@ -659,8 +711,14 @@ fn throughput(clients_rt: &tokio::runtime::Runtime, sides: &[Side; 3]) -> anyhow
             None => CLIENTS.to_vec(),
         };
     for clients in client_counts {
-        let (runs, calls_served) =
-            interleaved(clients_rt, &addrs, clients, ROUNDS, (WARMUP, MEASURE), only)?;
+        let (runs, calls_served) = interleaved(
+            clients_rt,
+            &targets,
+            clients,
+            ROUNDS,
+            (WARMUP, MEASURE),
+            only,
+        )?;
         println!("clients = {clients}");
         for (side, runs) in sides.iter().zip(&runs) {
             if !runs.rates.is_empty() {
@@ -684,18 +742,18 @@ fn throughput(clients_rt: &tokio::runtime::Runtime, sides: &[Side; 3]) -> anyhow
                 paired(&runs[a].cpu_per_call, &runs[b].cpu_per_call, |x, y| x / y),
             )
         };
-        println!(
-            "   {} / {}: {}   (target: throughput ≥ 0.8)",
-            sides[0].label,
-            sides[1].label,
-            ratio(0, 1)
-        );
-        println!(
-            "   {} / {}: {}",
-            sides[0].label,
-            sides[2].label,
-            ratio(0, 2)
-        );
+        for (a, b, note) in [
+            (WASM_NULL, NATIVE_NULL, "   (target: throughput ≥ 0.8)"),
+            (WASM_ECHO, NATIVE_ECHO, ""),
+            (WASM_ECHO, BARE_RMCP, ""),
+        ] {
+            println!(
+                "   {} / {}: {}{note}",
+                sides[a].label,
+                sides[b].label,
+                ratio(a, b)
+            );
+        }
     }
     Ok(())
 }
@@ -706,7 +764,7 @@ async fn out_of_the_box(addr: SocketAddr) -> anyhow::Result<(Samples, Samples)> 
     let mut stateless = Vec::with_capacity(OOB_CALLS);
     for i in 0..OOB_WARMUP + OOB_CALLS {
         let started = Instant::now();
-        stateless_call(&client, &uri).await?;
+        stateless_call(&client, &uri, ECHO).await?;
         if i >= OOB_WARMUP {
             stateless.push(started.elapsed().as_nanos() as u64);
         }
@@ -890,7 +948,7 @@ fn idle_sessions(
                 Idle::Connection => {
                     // Its own pool, so the connection stays open with it.
                     let client = http_client();
-                    stateless_call(&client, &uri).await?;
+                    stateless_call(&client, &uri, ECHO).await?;
                     Ok(Box::new(client) as Held)
                 }
             }
@@ -899,7 +957,7 @@ fn idle_sessions(
     clients_rt.block_on(async {
         // Warm the server's code paths: a call and a session.
         let client = http_client();
-        stateless_call(&client, &uri).await?;
+        stateless_call(&client, &uri, ECHO).await?;
         drop(open(&client).await?);
         drop(client);
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -968,7 +1026,10 @@ fn main() -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     let config = bench_config();
-    let sandbox = servers_rt.block_on(common::Sandbox::new(&["conformance"], NO_TENANCY));
+    let sandbox = servers_rt.block_on(common::Sandbox::new(
+        &["conformance", "trivial"],
+        NO_TENANCY,
+    ));
     let (wasm, native, rmcp, default) = servers_rt.block_on(async {
         let dispatcher = sandbox.app.dispatcher.clone();
         let wasm = start(
@@ -998,19 +1059,34 @@ fn main() -> anyhow::Result<()> {
     if !arg("out-of-the-box") {
         let sides = [
             Side {
-                label: "cordon wasm",
+                label: "wasm null",
+                name: "wasm-null",
+                addr: wasm,
+                call: NULL,
+            },
+            Side {
+                label: "native null",
+                name: "native-null",
+                addr: native,
+                call: NULL,
+            },
+            Side {
+                label: "wasm echo",
                 name: "wasm",
                 addr: wasm,
+                call: ECHO,
             },
             Side {
-                label: "cordon native",
+                label: "native echo",
                 name: "native",
                 addr: native,
+                call: ECHO,
             },
             Side {
-                label: "bare rmcp",
+                label: "bare rmcp echo",
                 name: "rmcp",
                 addr: rmcp,
+                call: ECHO,
             },
         ];
         throughput(&clients_rt, &sides)?;
@@ -1216,8 +1292,15 @@ fn tenancy(
     // `only=I` loads server I alone (the others idle), for a profile of it.
     let only: Option<usize> = std::env::args().find_map(|a| a.strip_prefix("only=")?.parse().ok());
     anyhow::ensure!(only.is_none_or(|i| i < n), "only=I: I must be below {n}");
-    let (runs, calls_served) =
-        interleaved(clients_rt, &addrs, CLIENTS, ROUNDS, (WARMUP, MEASURE), only)?;
+    let targets: Vec<(SocketAddr, ToolCall)> = addrs.iter().map(|&a| (a, ECHO)).collect();
+    let (runs, calls_served) = interleaved(
+        clients_rt,
+        &targets,
+        CLIENTS,
+        ROUNDS,
+        (WARMUP, MEASURE),
+        only,
+    )?;
     if let Some(i) = only {
         println!("   {}", runs[i].line(setups[i].0));
         println!("   server CPU per call: {:.1} µs", runs[i].median_cpu());

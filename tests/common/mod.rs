@@ -22,6 +22,12 @@ use tokio::sync::mpsc;
 /// Every guest the tests use: the example tools and the test fixtures.
 pub const GUESTS: &[&str] = &["text", "notes", "conformance", "hostile", "sql", "dbprobe"];
 
+/// Guests built without `std`, each in a cargo run of its own: cargo unifies
+/// a dependency's features across the packages of one build, and
+/// `wit-bindgen`'s `std` feature (which the other guests use) would give
+/// these a second panic handler.
+pub const NO_STD_GUESTS: &[&str] = &["trivial"];
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -40,20 +46,23 @@ fn target_dir() -> PathBuf {
 pub fn guest_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(workspace_root())
-            .args(["build", "--profile", "guest", "--target", "wasm32-wasip2"]);
-        for guest in GUESTS {
-            cmd.args(["-p", guest]);
-        }
-        let out = cmd.output().expect("running cargo to build the guests");
-        if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if stderr.contains("wasm32-wasip2") && stderr.contains("target may not be installed") {
-                panic!("the wasm32-wasip2 target is missing: run `rustup target add wasm32-wasip2`\n{stderr}");
+        let builds = std::iter::once(GUESTS).chain(NO_STD_GUESTS.iter().map(std::slice::from_ref));
+        for guests in builds {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(workspace_root())
+                .args(["build", "--profile", "guest", "--target", "wasm32-wasip2"]);
+            for guest in guests {
+                cmd.args(["-p", guest]);
             }
-            panic!("building the guest components failed:\n{stderr}");
+            let out = cmd.output().expect("running cargo to build the guests");
+            if !out.status.success() {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                if stderr.contains("wasm32-wasip2") && stderr.contains("target may not be installed") {
+                    panic!("the wasm32-wasip2 target is missing: run `rustup target add wasm32-wasip2`\n{stderr}");
+                }
+                panic!("building the guest components failed:\n{stderr}");
+            }
         }
         target_dir().join("wasm32-wasip2/guest")
     })
