@@ -180,8 +180,8 @@ impl ServerHandler for NullTool {
 }
 
 /// A dispatcher like `wasm`'s (same registry, configuration and audit log)
-/// that answers `echo` and `null` natively, in place of the sandbox: the same server
-/// with a native tool. `echo` reads its arguments as the guest does.
+/// that answers `echo` and `null` natively, in place of the sandbox: the
+/// same server with a native tool. `echo` reads its arguments as the guest does.
 fn native_dispatcher(
     wasm: &cordon::dispatch::Dispatcher,
 ) -> anyhow::Result<Arc<cordon::dispatch::Dispatcher>> {
@@ -570,7 +570,7 @@ fn thousands(n: f64) -> String {
 }
 
 /// Whether `flag` is on the command line (`throughput`, `out-of-the-box`,
-/// `tenancy`: one section alone; `breakdown`, `aa`: more servers in
+/// `idle`, `tenancy`: one section alone; `breakdown`, `aa`: more servers in
 /// section 4).
 fn arg(flag: &str) -> bool {
     std::env::args().any(|a| a == flag)
@@ -628,8 +628,9 @@ fn paired(a: &[f64], b: &[f64], cost: fn(f64, f64) -> f64) -> f64 {
 }
 
 /// Loads the `targets` (a server and the call to make) in turn with
-/// `clients` clients, `rounds` times, each run `warmup` + `measure` long; the order rotates from round
-/// to round so that drift hurts every server alike. With `only`, that
+/// `clients` clients, `rounds` times, each run `warmup` + `measure` long;
+/// the order rotates from round to round so that drift hurts every server
+/// alike. With `only`, that
 /// server alone is loaded. Returns the runs and the calls served (warm-up
 /// calls estimated at the measured rate).
 fn interleaved(
