@@ -30,9 +30,9 @@
 //! Run: `cargo bench -p cordon --bench transport` (prints the figures that
 //! BENCHMARKS.md records); `-- throughput`, `-- out-of-the-box`,
 //! `-- idle` and `-- tenancy` run sections 1, 2, 3 and 4 alone;
-//! `-- throughput side=NAME` (`wasm-null`, `native-null`, `wasm`, `native`,
-//! `rmcp`) measures one side of section 1, and `clients=N` one load, for
-//! profiling.
+//! `-- throughput side=NAME[,NAME…]` (`wasm-null`, `native-null`, `wasm`,
+//! `native`, `rmcp`) measures only those sides of section 1, and
+//! `clients=N` one load, for profiling.
 //!
 //! In 1 and 2 the servers run on one tokio runtime and the load driver on
 //! another, in this process (two worker threads each, like two processes
@@ -630,8 +630,7 @@ fn paired(a: &[f64], b: &[f64], cost: fn(f64, f64) -> f64) -> f64 {
 /// Loads the `targets` (a server and the call to make) in turn with
 /// `clients` clients, `rounds` times, each run `warmup` + `measure` long;
 /// the order rotates from round to round so that drift hurts every server
-/// alike. With `only`, that
-/// server alone is loaded. Returns the runs and the calls served (warm-up
+/// alike. With `only`, that server alone is loaded. Returns the runs and the calls served (warm-up
 /// calls estimated at the measured rate).
 fn interleaved(
     clients_rt: &tokio::runtime::Runtime,
@@ -694,17 +693,24 @@ fn throughput(clients_rt: &tokio::runtime::Runtime, sides: &[Side; 5]) -> anyhow
         WARMUP.as_millis(),
         MEASURE.as_millis()
     );
-    let only = std::env::args().find_map(|a| a.strip_prefix("side=").map(str::to_owned));
-    let only = match only {
-        Some(name) => Some(
-            sides
-                .iter()
-                .position(|s| s.name == name)
-                .with_context(|| format!("side={name}: no such side"))?,
-        ),
-        None => None,
-    };
-    let targets: Vec<(SocketAddr, ToolCall)> = sides.iter().map(|s| (s.addr, s.call)).collect();
+    // `side=NAME[,NAME…]`: those sides only, interleaved as usual.
+    let chosen: Vec<usize> =
+        match std::env::args().find_map(|a| a.strip_prefix("side=").map(str::to_owned)) {
+            Some(names) => names
+                .split(',')
+                .map(|name| {
+                    sides
+                        .iter()
+                        .position(|s| s.name == name)
+                        .with_context(|| format!("side={name}: no such side"))
+                })
+                .collect::<anyhow::Result<_>>()?,
+            None => (0..sides.len()).collect(),
+        };
+    let targets: Vec<(SocketAddr, ToolCall)> = chosen
+        .iter()
+        .map(|&i| (sides[i].addr, sides[i].call))
+        .collect();
     // `clients=N`: that many clients only, for a profile of one load.
     let client_counts: Vec<usize> =
         match std::env::args().find_map(|a| a.strip_prefix("clients=")?.parse().ok()) {
@@ -718,41 +724,37 @@ fn throughput(clients_rt: &tokio::runtime::Runtime, sides: &[Side; 5]) -> anyhow
             clients,
             ROUNDS,
             (WARMUP, MEASURE),
-            only,
+            None,
         )?;
         println!("clients = {clients}");
-        for (side, runs) in sides.iter().zip(&runs) {
-            if !runs.rates.is_empty() {
-                println!(
-                    "   {}   server CPU {:>6.1} µs/call",
-                    runs.line(side.label),
-                    runs.median_cpu()
-                );
-            }
+        for (&side, runs) in chosen.iter().zip(&runs) {
+            println!(
+                "   {}   server CPU {:>6.1} µs/call",
+                runs.line(sides[side].label),
+                runs.median_cpu()
+            );
         }
-        if only.is_some() {
+        if chosen.len() == 1 {
             println!("   calls served (warm-up estimated at the measured rate): {calls_served:.0}");
             continue;
         }
-        let ratio = |a: usize, b: usize| {
-            format!(
-                "throughput {:.2} | {:.2}, server CPU per call {:.2} | {:.2}",
-                runs[a].median_rate() / runs[b].median_rate(),
-                paired(&runs[a].rates, &runs[b].rates, |x, y| x / y),
-                runs[a].median_cpu() / runs[b].median_cpu(),
-                paired(&runs[a].cpu_per_call, &runs[b].cpu_per_call, |x, y| x / y),
-            )
-        };
+        let runs_of = |side: usize| Some(&runs[chosen.iter().position(|&c| c == side)?]);
         for (a, b, note) in [
             (WASM_NULL, NATIVE_NULL, "   (target: throughput ≥ 0.8)"),
             (WASM_ECHO, NATIVE_ECHO, ""),
             (WASM_ECHO, BARE_RMCP, ""),
         ] {
+            let (Some(x), Some(y)) = (runs_of(a), runs_of(b)) else {
+                continue;
+            };
             println!(
-                "   {} / {}: {}{note}",
+                "   {} / {}: throughput {:.2} | {:.2}, server CPU per call {:.2} | {:.2}{note}",
                 sides[a].label,
                 sides[b].label,
-                ratio(a, b)
+                x.median_rate() / y.median_rate(),
+                paired(&x.rates, &y.rates, |x, y| x / y),
+                x.median_cpu() / y.median_cpu(),
+                paired(&x.cpu_per_call, &y.cpu_per_call, |x, y| x / y),
             );
         }
     }
