@@ -46,10 +46,10 @@ fn target_dir() -> PathBuf {
 pub fn guest_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let builds = std::iter::once(GUESTS).chain(NO_STD_GUESTS.iter().map(std::slice::from_ref));
         for guests in builds {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
+            let mut cmd = Command::new(&cargo);
             cmd.current_dir(workspace_root())
                 .args(["build", "--profile", "guest", "--target", "wasm32-wasip2"]);
             for guest in guests {
