@@ -92,14 +92,24 @@ const STATELESS_VERSION: &str = "2026-07-28";
 const SESSION_VERSION: &str = "2025-11-25";
 
 const MESSAGE: &str = "hello from the transport bench";
-/// A stateless 2026-07-28 `tools/call`. rmcp 3.11 serves a request
+/// The body of a stateless 2026-07-28 `tools/call` of `$tool` with
+/// `$arguments` (JSON). rmcp 3.11 serves a request
 /// statelessly when its `_meta` has both `io.modelcontextprotocol/protocolVersion`
 /// and `io.modelcontextprotocol/clientCapabilities` (`clientInfo` is
 /// optional); it then also requires the `MCP-Protocol-Version` header (equal
 /// to the `_meta` version), `Mcp-Method` and, for `tools/call`, `Mcp-Name`,
 /// besides `Accept: application/json, text/event-stream` on every POST.
-const STATELESS_CALL: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"message":"hello from the transport bench"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{}}}}"#;
-const STATELESS_NULL_CALL: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"null","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+macro_rules! stateless_call_body {
+    ($tool:literal, $arguments:literal) => {
+        concat!(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":""#,
+            $tool,
+            r#"","arguments":"#,
+            $arguments,
+            r#","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"cordon-transport-bench","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{}}}}"#
+        )
+    };
+}
 
 /// A stateless `tools/call` a load makes, and the text its reply must carry.
 #[derive(Clone, Copy)]
@@ -113,7 +123,7 @@ struct ToolCall {
 /// SDK (`std`, serde), as tools usually are.
 const ECHO: ToolCall = ToolCall {
     tool: "echo",
-    body: STATELESS_CALL,
+    body: stateless_call_body!("echo", r#"{"message":"hello from the transport bench"}"#),
     expected_text: MESSAGE,
 };
 
@@ -121,7 +131,7 @@ const ECHO: ToolCall = ToolCall {
 /// (`no_std`, imports nothing, returns `ok`), the issue's "trivial WASM tool".
 const NULL: ToolCall = ToolCall {
     tool: "null",
-    body: STATELESS_NULL_CALL,
+    body: stateless_call_body!("null", "{}"),
     expected_text: "ok",
 };
 
