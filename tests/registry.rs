@@ -210,7 +210,7 @@ async fn a_component_is_loaded_within_its_configured_limits() {
 async fn a_component_that_imports_nothing_is_served_like_any_other() {
     // The `trivial` fixture is `no_std` and imports no WASI and none of
     // Cordon's host interfaces: the linker must not require any import, and
-    // a fresh instance per call must work without a WASI context in use.
+    // its calls, which get no WASI context built, must work all the same.
     let wasm = std::fs::read(guest("trivial")).unwrap();
     let component = wasmtime::component::Component::new(&wasmtime::Engine::default(), &wasm)
         .expect("the fixture is a valid component");
@@ -235,4 +235,66 @@ async fn a_component_that_imports_nothing_is_served_like_any_other() {
     }
     let outcome = sandbox.call("missing", json!({})).await;
     assert!(outcome.result.is_err(), "an unknown tool is refused");
+}
+
+/// A component that exports `cordon:tool/tool` with a `call-tool` of another
+/// signature than the contract's: returns a plain string.
+const CALL_TOOL_RETURNS_A_STRING: &str = r#"
+(component
+  (type $annotations (record
+    (field "read-only" (option bool))
+    (field "destructive" (option bool))
+    (field "idempotent" (option bool))
+    (field "open-world" (option bool))))
+  (export $annotations-e "annotations" (type $annotations))
+  (type $tool-definition (record
+    (field "name" string)
+    (field "title" (option string))
+    (field "description" string)
+    (field "input-schema" string)
+    (field "output-schema" (option string))
+    (field "annotations" $annotations-e)))
+  (export $tool-definition-e "tool-definition" (type $tool-definition))
+  (core module $m
+    (memory (export "memory") 1)
+    ;; Both return the zeroed bytes at 16: an empty list, an empty string.
+    (func (export "list-tools") (result i32) i32.const 16)
+    (func (export "call-tool") (param i32 i32 i32 i32) (result i32) i32.const 16)
+    (func (export "cabi_realloc") (param i32 i32 i32 i32) (result i32) i32.const 1024))
+  (core instance $i (instantiate $m))
+  (func $list-tools (result (list $tool-definition-e))
+    (canon lift (core func $i "list-tools") (memory (core memory $i "memory"))
+      (realloc (core func $i "cabi_realloc"))))
+  (func $call-tool (param "name" string) (param "arguments" string) (result string)
+    (canon lift (core func $i "call-tool") (memory (core memory $i "memory"))
+      (realloc (core func $i "cabi_realloc"))))
+  (instance $tool
+    (export "tool-definition" (type $tool-definition-e))
+    (export "list-tools" (func $list-tools))
+    (export "call-tool" (func $call-tool)))
+  (export "cordon:tool/tool@0.1.0" (instance $tool)))
+"#;
+
+#[tokio::test]
+async fn a_component_whose_call_tool_has_another_signature_is_refused_at_load() {
+    // Calls skip the per-instance type check of `call-tool` because loading
+    // checked it once: a mismatch must stop the component here.
+    let dir = tempfile::tempdir().unwrap();
+    let tools = dir.path().join("tools");
+    std::fs::create_dir_all(&tools).unwrap();
+    let wasm = wat::parse_str(CALL_TOOL_RETURNS_A_STRING).expect("the WAT is a valid component");
+    std::fs::write(tools.join("odd.wasm"), wasm).unwrap();
+    std::fs::copy(guest("trivial"), tools.join("trivial.wasm")).unwrap();
+    let config = write_config(dir.path(), &common::shared_cache_dir(), "", false);
+    let app = App::open(config, false).await.unwrap();
+
+    let snapshot = app.dispatcher.registry().snapshot();
+    let problems: Vec<String> = snapshot.problems().iter().map(|p| p.to_string()).collect();
+    assert!(
+        problems.iter().any(|p| p.contains("odd.wasm")
+            && p.contains("its call-tool does not match the cordon:tool contract")),
+        "{problems:?}"
+    );
+    assert!(!snapshot.components().contains_key("odd"));
+    assert_eq!(names(&app), ["null"], "the other component still loads");
 }

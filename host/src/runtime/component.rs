@@ -6,9 +6,10 @@ use std::sync::Arc;
 use rmcp::model::{CallToolResult, JsonObject, Tool, ToolAnnotations};
 use sha2::{Digest, Sha256};
 use wasmtime::Store;
+use wasmtime::component::{ComponentExportIndex, TypedFunc};
 
 use super::Runtime;
-use super::bindings::{ToolProviderPre, types};
+use super::bindings::{ToolProvider, ToolProviderPre, types};
 use super::cache::{CacheStatus, CompileCache};
 use super::events::EventSink;
 use super::grants::Grants;
@@ -98,9 +99,23 @@ pub struct ToolComponent {
     path: PathBuf,
     sha256: String,
     pre: ToolProviderPre<HostState>,
+    /// Where `cordon:tool/tool.call-tool` is among the component's exports.
+    call_tool: ComponentExportIndex,
+    /// Whether it imports any WASI interface (most do; a `no_std` tool
+    /// need not), i.e. whether its calls need a WASI context.
+    imports_wasi: bool,
     tools: Vec<Arc<ToolInfo>>,
     cache: CacheStatus,
 }
+
+/// The guest's `call-tool(name, arguments)`, typed.
+pub(crate) type CallToolFunc<'a> =
+    TypedFunc<(&'a str, &'a str), (Result<types::CallResult, types::CallError>,)>;
+
+/// The exported interface every tool component provides, and its function
+/// that runs a tool.
+const TOOL_INTERFACE: &str = "cordon:tool/tool@0.1.0";
+const CALL_TOOL: &str = "call-tool";
 
 impl std::fmt::Debug for ToolComponent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -169,6 +184,19 @@ impl ToolComponent {
                 "it does not export the cordon:tool/tool interface of the tool-provider world: {e:#}"
             ))
         })?;
+        let call_tool = {
+            let component = pre.instance_pre().component();
+            component
+                .get_export_index(None, TOOL_INTERFACE)
+                .and_then(|tool| component.get_export_index(Some(&tool), CALL_TOOL))
+                .ok_or_else(|| {
+                    invalid(format!("it does not export {TOOL_INTERFACE}#{CALL_TOOL}"))
+                })?
+        };
+        let imports_wasi = component
+            .component_type()
+            .imports(runtime.engine())
+            .any(|(name, _)| name.starts_with("wasi:"));
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -178,6 +206,8 @@ impl ToolComponent {
             path: path.to_owned(),
             sha256,
             pre,
+            call_tool,
+            imports_wasi,
             tools: Vec::new(),
             cache: cache_status,
         };
@@ -208,21 +238,38 @@ impl ToolComponent {
             limits,
             EventSink::discard(),
             Arc::default(),
+            self.imports_wasi,
         )
         .map_err(|e| e.to_string())?;
         let mut store: Store<HostState> = runtime
             .new_store(state, limits)
             .map_err(|e| format!("{e:#}"))?;
         let listing = async {
-            let instance = self.pre.instantiate_async(&mut store).await?;
+            let instance = self
+                .pre
+                .instance_pre()
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| format!("it cannot be instantiated: {e:#}"))?;
+            // The one type check of `call-tool`, which `instantiate` relies on.
             instance
+                .get_typed_func::<(&str, &str), (Result<types::CallResult, types::CallError>,)>(
+                    &mut store,
+                    &self.call_tool,
+                )
+                .map_err(|e| {
+                    format!("its {CALL_TOOL} does not match the cordon:tool contract: {e:#}")
+                })?;
+            let provider = ToolProvider::new(&mut store, &instance)
+                .map_err(|e| format!("its exports do not match the cordon:tool contract: {e:#}"))?;
+            provider
                 .cordon_tool_tool()
                 .call_list_tools(&mut store)
                 .await
+                .map_err(|e| format!("list-tools failed: {e:#}"))
         };
         match tokio::time::timeout(limits.timeout, listing).await {
-            Ok(Ok(definitions)) => Ok(definitions),
-            Ok(Err(e)) => Err(format!("list-tools failed: {e:#}")),
+            Ok(result) => result,
             Err(_) => Err(format!(
                 "list-tools did not return within {} s",
                 limits.timeout.as_secs()
@@ -255,8 +302,33 @@ impl ToolComponent {
         &self.tools
     }
 
-    pub(crate) fn pre(&self) -> &ToolProviderPre<HostState> {
-        &self.pre
+    /// Whether its calls need a WASI context (it imports a `wasi:` interface).
+    pub(crate) fn imports_wasi(&self) -> bool {
+        self.imports_wasi
+    }
+
+    /// A fresh instance in `store`, and its `call-tool`.
+    ///
+    /// Unlike the generated `ToolProviderPre::instantiate_async`, this does
+    /// not type-check the exports again: that costs a few µs on every call,
+    /// and every instance of one pre-linked component has the same exports,
+    /// which `load` checked once.
+    #[allow(unsafe_code)]
+    pub(crate) async fn instantiate<'a>(
+        &self,
+        store: &mut Store<HostState>,
+    ) -> wasmtime::Result<CallToolFunc<'a>> {
+        let instance = self
+            .pre
+            .instance_pre()
+            .instantiate_async(&mut *store)
+            .await?;
+        let func = instance
+            .get_func(&mut *store, self.call_tool)
+            .ok_or_else(|| wasmtime::format_err!("no export {TOOL_INTERFACE}#{CALL_TOOL}"))?;
+        // SAFETY: `list_tools`, run by `load` on an instance of this same
+        // `InstancePre`, checked that this export has exactly this type.
+        Ok(unsafe { CallToolFunc::new_unchecked(func) })
     }
 
     /// Checks a result against the tool's output schema.

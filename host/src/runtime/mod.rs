@@ -222,8 +222,13 @@ impl Runtime {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + limits.timeout;
 
-        let (state, stdio) = match HostState::new(&grants, &limits, events, self.databases.clone())
-        {
+        let (state, stdio) = match HostState::new(
+            &grants,
+            &limits,
+            events,
+            self.databases.clone(),
+            component.imports_wasi(),
+        ) {
             Ok(parts) => parts,
             Err(e) => {
                 return CallOutcome {
@@ -245,12 +250,12 @@ impl Runtime {
         let run = async {
             // Instantiation errors are the outer error, the guest's own
             // failures the inner one.
-            let instance = component.pre().instantiate_async(&mut store).await?;
+            let call_tool = component.instantiate(&mut store).await?;
             let instantiated = Instant::now();
-            let result = instance
-                .cordon_tool_tool()
-                .call_call_tool(&mut store, name, arguments)
-                .await;
+            let result = call_tool
+                .call_async(&mut store, (name, arguments))
+                .await
+                .map(|(result,)| result);
             Ok::<_, wasmtime::Error>((instantiated, result))
         };
 
