@@ -100,21 +100,28 @@ impl HostState {
 /// context (nothing granted, output discarded) made here otherwise only keeps
 /// that unreachable case harmless.
 fn wasi_ctx(wasi: &mut Option<WasiCtx>) -> &mut WasiCtx {
-    wasi.get_or_insert_with(|| WasiCtxBuilder::new().build())
+    wasi.get_or_insert_with(|| locked_down().build())
+}
+
+/// A WASI context builder that grants nothing.
+fn locked_down() -> WasiCtxBuilder {
+    // WasiCtxBuilder::new() already means: no env, no args, stdin closed,
+    // stdout and stderr discarded, no preopens, no name lookup, no socket
+    // address allowed. We also switch TCP and UDP off so socket creation
+    // itself fails.
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    wasi
 }
 
 /// The WASI context of a call of a component that imports WASI: stdout and
 /// stderr captured, the granted directories preopened, nothing else.
 fn build_wasi(grants: &Grants, stdio: &Stdio) -> std::io::Result<(WasiCtx, Option<FsQuota>)> {
-    // WasiCtxBuilder::new() already means: no env, no args, stdin closed,
-    // no preopens, no name lookup, no socket address allowed. We also
-    // switch TCP and UDP off so socket creation itself fails.
-    let mut wasi = WasiCtxBuilder::new();
+    let mut wasi = locked_down();
     wasi.stdout(stdio.stdout.clone())
-        .stderr(stdio.stderr.clone())
-        .allow_tcp(false)
-        .allow_udp(false)
-        .allow_ip_name_lookup(false);
+        .stderr(stdio.stderr.clone());
     for dir in &grants.dirs {
         let perms = match dir.mode {
             DirMode::Ro => FsPerms::ReadOnly,
