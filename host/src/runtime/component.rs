@@ -252,11 +252,8 @@ impl ToolComponent {
                 .await
                 .map_err(|e| format!("it cannot be instantiated: {e:#}"))?;
             // The one type check of `call-tool`, which `instantiate` relies on.
-            instance
-                .get_typed_func::<(&str, &str), (Result<types::CallResult, types::CallError>,)>(
-                    &mut store,
-                    &self.call_tool,
-                )
+            let _checked: CallToolFunc<'_> = instance
+                .get_typed_func(&mut store, self.call_tool)
                 .map_err(|e| {
                     format!("its {CALL_TOOL} does not match the cordon:tool contract: {e:#}")
                 })?;
