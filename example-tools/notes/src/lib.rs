@@ -309,15 +309,31 @@ mod tests {
         pub static DIR: RefCell<Option<PathBuf>> = const { RefCell::new(None) };
     }
 
+    /// A test's directory, removed when the test ends.
+    struct TestDir(PathBuf);
+
+    impl std::ops::Deref for TestDir {
+        type Target = PathBuf;
+        fn deref(&self) -> &PathBuf {
+            &self.0
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// Points this thread's tools at a fresh directory (or at a missing one).
-    fn use_dir(test: &str, create: bool) -> PathBuf {
+    fn use_dir(test: &str, create: bool) -> TestDir {
         let dir = std::env::temp_dir().join(format!("cordon-notes-{}-{test}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         if create {
             std::fs::create_dir_all(&dir).unwrap();
         }
         DIR.with(|d| *d.borrow_mut() = Some(dir.clone()));
-        dir
+        TestDir(dir)
     }
 
     fn call(name: &str, args: Value) -> Result<CallResult, CallError> {
@@ -384,7 +400,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_names() {
-        use_dir("bad_names", true);
+        let _dir = use_dir("bad_names", true);
         for name in ["../etc/passwd", "a.md", "", "x/y"] {
             let r = call("read_note", json!({ "name": name })).unwrap();
             assert!(r.is_error);
@@ -396,7 +412,7 @@ mod tests {
 
     #[test]
     fn max_bytes() {
-        use_dir("max_bytes", true);
+        let _dir = use_dir("max_bytes", true);
         cordon_guest::config::set_for_test(MAX_BYTES_KEY, Some("4"));
         let ok = call("write_note", json!({"name": "a", "content": "1234"})).unwrap();
         assert!(!ok.is_error);
@@ -415,7 +431,7 @@ mod tests {
 
     #[test]
     fn missing_directory() {
-        use_dir("missing", false);
+        let _dir = use_dir("missing", false);
         let r = call("write_note", json!({"name": "a", "content": "x"})).unwrap();
         assert!(r.is_error);
         assert!(
