@@ -1125,6 +1125,70 @@ async fn bad_requests_get_json_rpc_errors_and_the_session_survives() {
     assert!(!tools["tools"].as_array().unwrap().is_empty());
 }
 
+#[tokio::test]
+async fn streamable_http_bodies_that_are_not_messages_get_json_rpc_errors() {
+    let server = start(&["text"], "", false).await;
+    let session = server.streamable_session().await;
+    let in_session = || {
+        mcp_post(&server)
+            .header("mcp-session-id", &session.id)
+            .header("mcp-protocol-version", "2025-11-25")
+    };
+    let stateless_discover = || stateless(&server, "server/discover", None);
+    let cases: [(&str, i64, Value); 5] = [
+        (r#"{"jsonrpc": "2.0", "id": 5, "meth"#, -32700, Value::Null),
+        (r#"{"jsonrpc": "2.0", "id": 6}"#, -32600, json!(6)),
+        (
+            r#"{"jsonrpc": "1.0", "id": "a", "method": "ping"}"#,
+            -32600,
+            json!("a"),
+        ),
+        ("[]", -32600, Value::Null),
+        (
+            r#"[{"jsonrpc": "2.0", "id": 1, "method": "ping"}]"#,
+            -32600,
+            Value::Null,
+        ),
+    ];
+    for (body, code, id) in cases {
+        for (mode, request) in [
+            ("session", in_session()),
+            ("stateless", stateless_discover()),
+        ] {
+            let reply = server.send(request, body.to_owned()).await;
+            assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{mode} {body}");
+            assert_eq!(
+                reply.headers["content-type"], "application/json",
+                "{mode} {body}"
+            );
+            let error = reply.json();
+            assert_eq!(error["jsonrpc"], "2.0", "{mode} {body}: {error}");
+            assert_eq!(error["error"]["code"], code, "{mode} {body}: {error}");
+            assert_eq!(error["id"], id, "{mode} {body}: {error}");
+        }
+    }
+    // A body that is not JSON by its content type is still refused as such.
+    let plain = server
+        .request(Method::POST, "/mcp")
+        .header("content-type", "text/plain")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &session.id)
+        .header("mcp-protocol-version", "2025-11-25");
+    let reply = server.send(plain, "{}".to_owned()).await;
+    assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    // The session and the stateless endpoint still work.
+    let tools = session.result("tools/list", json!({})).await;
+    assert!(!tools["tools"].as_array().unwrap().is_empty());
+    let reply = server
+        .send(
+            stateless_discover(),
+            stateless_body(9, "server/discover", json!({})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}
+
 // ---------------------------------------------------------------------------
 // Stateless 2026-07-28
 

@@ -20,6 +20,7 @@ pub mod config;
 pub mod db;
 pub mod dispatch;
 pub mod gate;
+pub mod jsonrpc;
 pub mod mcp;
 pub mod metrics;
 pub mod policy;

@@ -75,8 +75,15 @@ pub fn router(
     let authenticates = gate.authenticates();
     // Layers wrap the routes added before them: the gate runs first, then
     // the session cap, then the transport. Health and metadata stay open.
-    let mut routes = Router::new()
-        .route_service(MCP_PATH, streamable)
+    // rmcp answers a body it cannot parse with a plain-text 415; clients
+    // expect a JSON-RPC error (see `jsonrpc`).
+    let mcp = Router::new().route_service(MCP_PATH, streamable).layer(
+        axum::middleware::from_fn_with_state(
+            config.max_body_bytes,
+            crate::jsonrpc::answer_unparsable,
+        ),
+    );
+    let mut routes = mcp
         .merge(sse.router())
         .merge(crate::admin::router(dispatcher.clone(), session_counter))
         .layer(axum::middleware::from_fn_with_state(

@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::extract::{Query, Request, State};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -33,13 +32,13 @@ use http::{HeaderMap, StatusCode, Uri};
 use rmcp::model::{ClientJsonRpcMessage, GetExtensions as _, ServerJsonRpcMessage};
 use rmcp::transport::Transport;
 use rmcp::{RoleServer, ServiceExt as _};
-use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
 use crate::dispatch::{Dispatcher, Principal};
+use crate::jsonrpc::{BodyRefused, InvalidMessage, is_json, parse_messages, read_limited};
 use crate::mcp::McpHandler;
 
 /// Where a client opens an HTTP+SSE session.
@@ -385,11 +384,7 @@ async fn deliver(sse: &SseTransport, request: Request) -> Result<(), Refusal> {
 #[derive(Debug)]
 enum Refusal {
     Text(StatusCode, String),
-    JsonRpc {
-        id: Option<serde_json::Value>,
-        code: i32,
-        message: String,
-    },
+    JsonRpc(InvalidMessage),
 }
 
 impl Refusal {
@@ -404,17 +399,17 @@ impl Refusal {
     fn session_not_found() -> Self {
         Refusal::text(StatusCode::NOT_FOUND, "Not Found: no such session")
     }
+}
 
-    fn jsonrpc(id: Option<serde_json::Value>, code: i32, message: String) -> Self {
-        Refusal::JsonRpc { id, code, message }
+impl From<InvalidMessage> for Refusal {
+    fn from(invalid: InvalidMessage) -> Self {
+        Refusal::JsonRpc(invalid)
     }
+}
 
-    #[cfg(test)]
-    fn status(&self) -> StatusCode {
-        match self {
-            Refusal::Text(status, _) => *status,
-            Refusal::JsonRpc { .. } => StatusCode::BAD_REQUEST,
-        }
+impl From<BodyRefused> for Refusal {
+    fn from(BodyRefused(status, message): BodyRefused) -> Self {
+        Refusal::Text(status, message)
     }
 }
 
@@ -422,81 +417,9 @@ impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         match self {
             Refusal::Text(status, message) => (status, message).into_response(),
-            Refusal::JsonRpc { id, code, message } => {
-                let body = json!({
-                    "jsonrpc": "2.0",
-                    "id": id,
-                    "error": { "code": code, "message": message },
-                });
-                (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
-            }
+            Refusal::JsonRpc(invalid) => invalid.into_response(),
         }
     }
-}
-
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            let essence = v.split_once(';').map_or(v, |(essence, _)| essence);
-            essence.trim().eq_ignore_ascii_case("application/json")
-        })
-}
-
-/// The whole body, or 413 beyond `max` bytes.
-async fn read_limited(body: Body, max: usize) -> Result<Vec<u8>, Refusal> {
-    let too_large = || {
-        Refusal::text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("Payload Too Large: request body exceeds {max} bytes"),
-        )
-    };
-    let mut collected = Vec::new();
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk: Bytes = chunk.map_err(|e| {
-            Refusal::text(
-                StatusCode::BAD_REQUEST,
-                format!("Bad Request: cannot read the body: {e}"),
-            )
-        })?;
-        if chunk.len() > max.saturating_sub(collected.len()) {
-            return Err(too_large());
-        }
-        collected.extend_from_slice(&chunk);
-    }
-    Ok(collected)
-}
-
-/// One message or a batch (JSON-RPC 2.0 allows them in 2024-11-05; each
-/// reply goes out as its own `message` event). Errors are JSON-RPC error
-/// bodies with status 400.
-fn parse_messages(body: &[u8]) -> Result<Vec<ClientJsonRpcMessage>, Refusal> {
-    let value: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| Refusal::jsonrpc(None, -32700, format!("Parse error: {e}")))?;
-    let items = match value {
-        serde_json::Value::Array(items) if items.is_empty() => {
-            return Err(Refusal::jsonrpc(
-                None,
-                -32600,
-                "Invalid Request: empty batch".into(),
-            ));
-        }
-        serde_json::Value::Array(items) => items,
-        single => vec![single],
-    };
-    items
-        .into_iter()
-        .map(|item| {
-            let id = item
-                .get("id")
-                .filter(|id| id.is_string() || id.is_number())
-                .cloned();
-            serde_json::from_value(item)
-                .map_err(|e| Refusal::jsonrpc(id, -32600, format!("Invalid Request: {e}")))
-        })
-        .collect()
 }
 
 /// Bridges a session's rmcp service to the POST handler and the event stream.
@@ -777,17 +700,5 @@ mod tests {
         assert!(!origin_ok("null", &["http://localhost:*"]));
         assert!(!origin_ok("not a url", &["http://localhost:*"]));
         assert!(check_origin(&HeaderMap::new(), &[]).is_ok());
-    }
-
-    #[test]
-    fn bodies_parse_into_messages_or_jsonrpc_errors() {
-        let init = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
-        assert_eq!(parse_messages(init).unwrap().len(), 1);
-        let batch = br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
-        assert_eq!(parse_messages(batch).unwrap().len(), 2);
-        for bad in [&b"{not json"[..], b"[]", br#"{"id":7}"#] {
-            let refusal = parse_messages(bad).unwrap_err();
-            assert_eq!(refusal.status(), StatusCode::BAD_REQUEST);
-        }
     }
 }
