@@ -148,6 +148,9 @@ pub fn streamable_http_settings(
 
 /// Refuses to open a session beyond the cap (rmcp's session manager has no
 /// cap of its own): new sessions start with a POST that carries no session id.
+/// Also answers a `DELETE /mcp` of a session that does not exist (never
+/// opened, ended or expired) with 404, as every other request naming it gets;
+/// rmcp answers it 202.
 #[derive(Clone)]
 struct SessionCap {
     sessions: Arc<LocalSessionManager>,
@@ -165,6 +168,16 @@ async fn limit_sessions(State(cap): State<SessionCap>, request: Request, next: N
         SSE_PATH => request.method() == http::Method::GET,
         _ => false,
     };
+    if request.method() == http::Method::DELETE
+        && request.uri().path() == MCP_PATH
+        && let Some(id) = request
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+        && !cap.sessions.sessions.read().await.contains_key(id)
+    {
+        return (http::StatusCode::NOT_FOUND, "Not Found: Session not found").into_response();
+    }
     if opens_session
         && cap.sessions.sessions.read().await.len() + cap.sse.session_count() >= cap.max
     {
