@@ -86,7 +86,12 @@ async fn start_wrapped(
     ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(cordon::server::serve_on(listener, router, shutdown.clone()));
+    tokio::spawn(cordon::server::serve_on(
+        listener,
+        router,
+        Duration::from_secs(server_config.header_timeout_secs),
+        shutdown.clone(),
+    ));
     TestServer {
         http: Http::new(format!("http://{addr}")),
         shutdown,
@@ -819,6 +824,47 @@ async fn oversized_bodies_get_413_on_both_transports() {
     let session = server.sse_session().await;
     let reply = session.post(big).await;
     assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "/messages");
+}
+
+#[tokio::test]
+async fn a_client_slow_to_send_its_headers_is_disconnected_but_open_streams_stay() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let server = start(
+        &["text"],
+        "[server]\nheader_timeout_secs = 1\nkeep_alive_secs = 1\n",
+        false,
+    )
+    .await;
+    let addr = server.base.strip_prefix("http://").unwrap().to_owned();
+    let mut session = server.open_sse().await;
+    session.initialize().await;
+
+    // A request head that never ends, and a connection that never sends one.
+    let mut partial = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let started = Instant::now();
+    for (what, stream) in [("partial head", &mut partial), ("silent", &mut silent)] {
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: still open after {WAIT:?}"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&rest);
+        assert!(!text.contains("200 OK"), "{what}: {text}");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before the timeout: {:?}",
+        started.elapsed()
+    );
+
+    // The SSE stream, idle for longer than the header timeout, still works.
+    let tools = session.result("tools/list", json!({})).await;
+    assert!(!tools["tools"].as_array().unwrap().is_empty());
 }
 
 // ---------------------------------------------------------------------------

@@ -248,7 +248,8 @@ async fn start(router: axum::Router, shutdown: CancellationToken) -> anyhow::Res
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = cordon::server::serve_on(listener, router, shutdown).await {
+        let header_timeout = Duration::from_secs(bench_config().header_timeout_secs);
+        if let Err(e) = cordon::server::serve_on(listener, router, header_timeout, shutdown).await {
             eprintln!("server on {addr} failed: {e:#}");
         }
     });

@@ -84,6 +84,9 @@ pub struct ServerConfig {
     pub keep_alive_secs: u64,
     /// Seconds of inactivity after which a session is closed.
     pub session_idle_secs: u64,
+    /// Seconds a client may take to send a request's head (request line and
+    /// headers); the connection is closed beyond.
+    pub header_timeout_secs: u64,
     /// At SIGTERM / Ctrl-C: seconds running calls get to finish before
     /// they are cancelled.
     pub shutdown_grace_secs: u64,
@@ -150,6 +153,7 @@ impl Default for ServerConfig {
             max_sessions: 10_000,
             keep_alive_secs: 15,
             session_idle_secs: 300,
+            header_timeout_secs: 30,
             shutdown_grace_secs: 30,
             local_tenant: "local".into(),
             local_roles: Vec::new(),
@@ -445,6 +449,12 @@ impl Config {
             problem(
                 "server.keep_alive_secs / server.session_idle_secs".into(),
                 "must be at least 1 second".into(),
+            );
+        }
+        if !(1..=600).contains(&server.header_timeout_secs) {
+            problem(
+                "server.header_timeout_secs".into(),
+                "must be 1 to 600 seconds".into(),
             );
         }
         for origin in &server.allowed_origins {

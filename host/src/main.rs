@@ -726,16 +726,19 @@ async fn serve(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<E
         }
     );
     let stop_accepting = CancellationToken::new();
+    let header_timeout = std::time::Duration::from_secs(server.header_timeout_secs);
     let mut server_task = match tls {
         Some(tls) => tokio::spawn(cordon::server::serve_tls_on(
             listener,
             router,
             tls,
+            header_timeout,
             stop_accepting.clone(),
         )),
         None => tokio::spawn(cordon::server::serve_on(
             listener,
             router,
+            header_timeout,
             stop_accepting.clone(),
         )),
     };

@@ -213,7 +213,8 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} (server.listen)", config.listen))?;
-    serve_on(listener, router, shutdown).await
+    let header_timeout = Duration::from_secs(config.header_timeout_secs);
+    serve_on(listener, router, header_timeout, shutdown).await
 }
 
 /// TLS handshakes in progress at once; more connections wait in the backlog.
@@ -222,7 +223,7 @@ const MAX_HANDSHAKES: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `router` over TLS on an already bound listener until `shutdown`
-/// is cancelled.
+/// is cancelled (`header_timeout`: see [`ServerConfig::header_timeout_secs`]).
 ///
 /// Written by hand on tokio-rustls rather than with axum-server: that crate
 /// compiles hyper's HTTP/2 into the connection type, which costs every idle
@@ -233,6 +234,7 @@ pub async fn serve_tls_on(
     listener: tokio::net::TcpListener,
     router: Router,
     tls: Arc<rustls::ServerConfig>,
+    header_timeout: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let local = listener.local_addr()?;
@@ -280,10 +282,8 @@ pub async fn serve_tls_on(
         ready: ready_rx,
         local,
     };
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .context("the HTTPS server failed")
+    serve_connections(listener, router, header_timeout, shutdown).await;
+    Ok(())
 }
 
 /// Connections whose TLS handshake has completed, as an axum listener.
@@ -313,10 +313,12 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// Serves `router` on an already bound listener (tests bind port 0).
+/// Serves `router` on an already bound listener (tests bind port 0);
+/// `header_timeout`: see [`ServerConfig::header_timeout_secs`].
 pub async fn serve_on(
     listener: tokio::net::TcpListener,
     router: Router,
+    header_timeout: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // Without TCP_NODELAY, replies written in several small pieces wait for
@@ -326,8 +328,55 @@ pub async fn serve_on(
             tracing::warn!("cannot set TCP_NODELAY: {e}");
         }
     });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .context("the HTTP server failed")
+    serve_connections(listener, router, header_timeout, shutdown).await;
+    Ok(())
+}
+
+/// Serves HTTP/1.1 connections from `listener` with `router` until
+/// `shutdown` is cancelled, then lets each connection finish the request it
+/// is serving and waits for all of them.
+///
+/// A client gets `header_timeout` to send each request's head (request line
+/// and headers). Without it, a client that sends its headers a byte at a
+/// time, or never, holds a connection and its memory for as long as it likes.
+///
+/// Written on hyper directly, as `axum::serve` does, because `axum::serve`
+/// (0.8) gives hyper no timer, which turns hyper's header read timeout off.
+async fn serve_connections<L>(
+    mut listener: L,
+    router: Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) where
+    L: axum::serve::Listener,
+{
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        // `accept` retries and backs off on errors by itself.
+        let (io, _peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::trace!("connection ended with an error: {e}");
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
 }
