@@ -148,9 +148,6 @@ pub fn streamable_http_settings(
 
 /// Refuses to open a session beyond the cap (rmcp's session manager has no
 /// cap of its own): new sessions start with a POST that carries no session id.
-/// Also answers a `DELETE /mcp` of a session that does not exist (never
-/// opened, ended or expired) with 404, as every other request naming it gets;
-/// rmcp answers it 202.
 #[derive(Clone)]
 struct SessionCap {
     sessions: Arc<LocalSessionManager>,
@@ -168,6 +165,9 @@ async fn limit_sessions(State(cap): State<SessionCap>, request: Request, next: N
         SSE_PATH => request.method() == http::Method::GET,
         _ => false,
     };
+    // A DELETE of a session that does not exist (never opened, ended or
+    // expired) gets 404, as every other request naming it does; rmcp
+    // answers it 202.
     if request.method() == http::Method::DELETE
         && request.uri().path() == MCP_PATH
         && let Some(id) = request
