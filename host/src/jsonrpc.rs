@@ -19,13 +19,11 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
-use rmcp::model::ClientJsonRpcMessage;
+use rmcp::model::{ClientJsonRpcMessage, ErrorCode};
 use serde_json::{Value, json};
 
-/// JSON-RPC's "Parse error".
-const PARSE_ERROR: i32 = -32700;
-/// JSON-RPC's "Invalid Request".
-const INVALID_REQUEST: i32 = -32600;
+const PARSE_ERROR: i32 = ErrorCode::PARSE_ERROR.0;
+const INVALID_REQUEST: i32 = ErrorCode::INVALID_REQUEST.0;
 
 /// Why a body is not a JSON-RPC message; answered with status 400 and a
 /// JSON-RPC error object.
@@ -40,6 +38,8 @@ pub struct InvalidMessage {
 }
 
 impl IntoResponse for InvalidMessage {
+    // Written out rather than as rmcp's `ServerJsonRpcMessage`: rmcp's error
+    // message needs an id, and JSON-RPC wants `"id": null` when there is none.
     fn into_response(self) -> Response {
         let body = json!({
             "jsonrpc": "2.0",
