@@ -917,25 +917,16 @@ async fn streamable_http_sessions_open_fail_and_close() {
         "unsupported MCP-Protocol-Version"
     );
 
-    let reply = server
-        .send(
-            server
-                .request(Method::DELETE, "/mcp")
-                .header("mcp-session-id", &session_id),
-            "",
-        )
-        .await;
+    let delete = || {
+        server
+            .request(Method::DELETE, "/mcp")
+            .header("mcp-session-id", &session_id)
+    };
+    let reply = server.send(delete(), "").await;
     assert!(reply.status.is_success(), "DELETE: {}", reply.status);
     let reply = server.send(with_session(&session_id), list).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "after DELETE");
-    let reply = server
-        .send(
-            server
-                .request(Method::DELETE, "/mcp")
-                .header("mcp-session-id", &session_id),
-            "",
-        )
-        .await;
+    let reply = server.send(delete(), "").await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "DELETE again");
 }
 
