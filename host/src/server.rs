@@ -74,7 +74,7 @@ pub fn router(
     };
     let authenticates = gate.authenticates();
     // Layers wrap the routes added before them: the gate runs first, then
-    // the session cap, then the transport. Health and metadata stay open.
+    // the session rules, then the transport. Health and metadata stay open.
     // rmcp answers a body it cannot parse with a plain-text 415; clients
     // expect a JSON-RPC error (see `jsonrpc`).
     let mcp = Router::new().route_service(MCP_PATH, streamable).layer(
@@ -88,7 +88,7 @@ pub fn router(
         .merge(crate::admin::router(dispatcher.clone(), session_counter))
         .layer(axum::middleware::from_fn_with_state(
             session_cap,
-            limit_sessions,
+            guard_sessions,
         ));
     // With `auth.mode = "none"` (loopback only) there is nothing to check.
     if authenticates {
@@ -156,8 +156,16 @@ struct SessionCap {
     max: usize,
 }
 
-async fn limit_sessions(State(cap): State<SessionCap>, request: Request, next: Next) -> Response {
-    let opens_session = match request.uri().path() {
+/// The edge's session rules, before rmcp and the HTTP+SSE transport see the
+/// request: no new session beyond the cap, and 404 for a `DELETE` of a
+/// session that does not exist. Also opens the request's tracing span.
+async fn guard_sessions(State(cap): State<SessionCap>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let session = request
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok());
+    let opens_session = match path {
         MCP_PATH => {
             request.method() == http::Method::POST
                 && !request.headers().contains_key("mcp-session-id")
@@ -165,15 +173,11 @@ async fn limit_sessions(State(cap): State<SessionCap>, request: Request, next: N
         SSE_PATH => request.method() == http::Method::GET,
         _ => false,
     };
-    // A DELETE of a session that does not exist (never opened, ended or
-    // expired) gets 404, as every other request naming it does; rmcp
-    // answers it 202.
+    // A session that was never opened, ended or expired: every other request
+    // naming it gets 404 from rmcp, but a DELETE gets 202.
     if request.method() == http::Method::DELETE
-        && request.uri().path() == MCP_PATH
-        && let Some(id) = request
-            .headers()
-            .get("mcp-session-id")
-            .and_then(|v| v.to_str().ok())
+        && path == MCP_PATH
+        && let Some(id) = session
         && !cap.sessions.sessions.read().await.contains_key(id)
     {
         return (http::StatusCode::NOT_FOUND, "Not Found: Session not found").into_response();
@@ -194,12 +198,8 @@ async fn limit_sessions(State(cap): State<SessionCap>, request: Request, next: N
     let span = tracing::info_span!(
         "request",
         method = %request.method(),
-        path = %request.uri().path(),
-        session = request
-            .headers()
-            .get("mcp-session-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(""),
+        path = %path,
+        session = session.unwrap_or(""),
     );
     next.run(request).instrument(span).await
 }
