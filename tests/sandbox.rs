@@ -347,3 +347,100 @@ async fn no_call_sees_the_memory_of_an_earlier_one() {
         }
     }
 }
+
+/// A runtime built as `cordon serve` builds its own: workers tear a finished
+/// call's instance down when they idle.
+fn serving_runtime() -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    cordon::runtime::tear_down_when_idle(&mut builder);
+    builder.build().unwrap()
+}
+
+/// Polls `done` for up to 5 s.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(5), "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[test]
+fn a_finished_instance_is_torn_down_once_its_worker_idles() {
+    let rt = serving_runtime();
+    // Spawned: the hooks run on the runtime's workers, not on the thread
+    // that blocks on the runtime.
+    rt.block_on(rt.spawn(async {
+        let sandbox = hostile().await;
+        let runtime = sandbox.app.dispatcher.registry().runtime().clone();
+        // Let both workers idle once, so both keep Stores from now on.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let ok = sandbox.ok("ok", json!({})).await;
+        assert_eq!(text(&ok), "ok");
+        // The task has not yielded since: its worker has not idled.
+        assert_eq!(runtime.stores_awaiting_teardown(), 1);
+        eventually("the kept Store is dropped when its worker idles", || {
+            runtime.stores_awaiting_teardown() == 0
+        })
+        .await;
+
+        // Back to back, without idling in between: the earlier Store goes
+        // when the next call ends, so one worker keeps at most one.
+        for _ in 0..20 {
+            assert_eq!(
+                text(&sandbox.ok("leave_traces", json!({})).await),
+                "fresh memory"
+            );
+            assert!(runtime.stores_awaiting_teardown() <= 2);
+        }
+        let calls = (0..8).map(|_| sandbox.call("leave_traces", json!({})));
+        for outcome in futures::future::join_all(calls).await {
+            assert_eq!(text(&outcome.result.expect("leave_traces")), "fresh memory");
+        }
+        eventually("every kept Store is dropped once the workers idle", || {
+            runtime.stores_awaiting_teardown() == 0
+        })
+        .await;
+    }))
+    .unwrap();
+}
+
+#[test]
+fn kept_instances_do_not_count_against_max_instances() {
+    let rt = serving_runtime();
+    rt.block_on(rt.spawn(async {
+        let config = format!(
+            "{}\n[runtime.engine]\nmax_instances = 1\n",
+            hostile_config()
+        );
+        let sandbox = Sandbox::new(&["hostile"], &config).await;
+        let runtime = sandbox.app.dispatcher.registry().runtime().clone();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        // One call at a time: each succeeds while the last one's Store waits.
+        for _ in 0..5 {
+            next_call_works(&sandbox).await;
+            assert_eq!(runtime.stores_awaiting_teardown(), 1);
+        }
+        // Two at once: the second finds the one slot taken by a running call.
+        let (first, second) = tokio::join!(sandbox.call("sleep_forever", json!({})), async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            sandbox.call("ok", json!({})).await
+        });
+        assert!(
+            matches!(first.result, Err(CallFailure::Timeout(_))),
+            "{:?}",
+            first.result
+        );
+        match second.result {
+            Err(CallFailure::Unavailable(message)) => {
+                assert!(message.contains("max_instances"), "{message}")
+            }
+            other => panic!("a second call beyond max_instances ran: {other:?}"),
+        }
+        next_call_works(&sandbox).await;
+    }))
+    .unwrap();
+}

@@ -889,11 +889,17 @@ fn no_auth() -> std::sync::Arc<cordon::auth::Authenticator> {
     )
 }
 
+/// A runtime for servers, built as `cordon serve` builds its own.
+fn server_runtime(thread_name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.thread_name(thread_name).enable_all();
+    cordon::runtime::tear_down_when_idle(&mut builder);
+    builder.build()
+}
+
 /// The child: serves until its stdin closes.
 fn server_child(role: &str) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = server_runtime("bench-server")?;
     let shutdown = CancellationToken::new();
     let config = bench_config();
     let (addr, _sandbox) = rt.block_on(async {
@@ -1023,10 +1029,7 @@ fn main() -> anyhow::Result<()> {
         "cordon transport benchmark (release host, {} CPUs)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    let servers_rt = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("bench-server")
-        .enable_all()
-        .build()?;
+    let servers_rt = server_runtime("bench-server")?;
     let clients_rt = tokio::runtime::Builder::new_multi_thread()
         .thread_name("bench-client")
         .enable_all()
@@ -1276,12 +1279,7 @@ fn tenancy(
     // (`bench-server-I`): idle ones park, the loaded one works as before,
     // and one `perf record` of the whole section can tell the servers apart.
     let runtimes = (0..setups.len())
-        .map(|i| {
-            tokio::runtime::Builder::new_multi_thread()
-                .thread_name(format!("bench-server-{i}"))
-                .enable_all()
-                .build()
-        })
+        .map(|i| server_runtime(&format!("bench-server-{i}")))
         .collect::<Result<Vec<_>, _>>()?;
     let mut addrs = Vec::new();
     for ((sandbox, (_, _, authenticated)), rt) in sandboxes.iter().zip(&setups).zip(&runtimes) {

@@ -16,9 +16,10 @@ mod limits;
 mod output;
 mod registry;
 mod state;
+mod teardown;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,7 @@ pub use output::CallFailure;
 pub use registry::{
     LoadProblem, Registry, RegistryHandle, ToolEntry, ToolSource, ToolsChanged, WatchGuard,
 };
+pub use teardown::tear_down_when_idle;
 
 use bindings::ToolProvider;
 use state::HostState;
@@ -45,8 +47,10 @@ use state::HostState;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineSettings {
-    /// Instances that may exist at once (the pooling allocator's slots).
-    /// Calls beyond it fail fast with "unavailable".
+    /// Calls that may run at once, each in an instance of its own. Calls
+    /// beyond it fail fast with "unavailable". The pooling allocator has a
+    /// few slots more (one per CPU, at most 16) for finished instances whose
+    /// teardown waits for their worker to idle (see [`tear_down_when_idle`]).
     pub max_instances: u32,
     /// The most memory any one call may be given, in bytes (the ceiling of
     /// every per-tool `memory_bytes`).
@@ -134,6 +138,11 @@ pub struct Runtime {
     settings: EngineSettings,
     in_place_reset_bytes: u64,
     databases: Arc<crate::db::Databases>,
+    /// Calls between their start and their end; at most `max_instances`.
+    running: AtomicU32,
+    /// Pool slots beyond `max_instances` for Stores whose teardown waits
+    /// for their worker to idle (see `teardown`).
+    headroom: Arc<teardown::Headroom>,
     _ticker: EpochTicker,
 }
 
@@ -150,7 +159,12 @@ impl Runtime {
     /// WASI 0.2 and the `cordon:tool` host interfaces.
     pub fn new(settings: EngineSettings) -> anyhow::Result<Self> {
         let in_place_reset_bytes = in_place_reset_bytes(&settings);
-        let engine = Engine::new(&engine_config(&settings, in_place_reset_bytes))
+        let headroom = teardown::Headroom::for_this_machine();
+        let slots = settings
+            .max_instances
+            .max(1)
+            .saturating_add(headroom.capacity());
+        let engine = Engine::new(&engine_config(&settings, slots, in_place_reset_bytes))
             .map_err(|e| anyhow::anyhow!("cannot create the wasm engine: {e}"))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -170,6 +184,8 @@ impl Runtime {
             settings,
             in_place_reset_bytes,
             databases: Arc::default(),
+            running: AtomicU32::new(0),
+            headroom,
             _ticker: ticker,
         })
     }
@@ -178,6 +194,12 @@ impl Runtime {
     /// ends: `keep_resident_bytes` where the kernel has PAGEMAP_SCAN, else 0.
     pub fn in_place_reset_bytes(&self) -> u64 {
         self.in_place_reset_bytes
+    }
+
+    /// Finished calls' Stores that wait for their worker thread to idle
+    /// before they are torn down (see [`tear_down_when_idle`]).
+    pub fn stores_awaiting_teardown(&self) -> u32 {
+        self.headroom.used()
     }
 
     /// The database backends calls use.
@@ -219,6 +241,15 @@ impl Runtime {
             cancel,
         } = spec;
         let mut stats = CallStats::default();
+        let Some(_running) = RunningCall::start(&self.running, self.settings.max_instances) else {
+            return CallOutcome {
+                result: Err(CallFailure::Unavailable(format!(
+                    "all {} instance slots are in use (runtime.engine.max_instances)",
+                    self.settings.max_instances
+                ))),
+                stats,
+            };
+        };
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + limits.timeout;
 
@@ -311,6 +342,7 @@ impl Runtime {
             stats.fuel_consumed = store.get_fuel().ok().map(|left| budget - left.min(budget));
         }
         log_stdio(name, &stdio);
+        teardown::retire(store, &self.headroom);
         CallOutcome { result, stats }
     }
 
@@ -362,6 +394,27 @@ impl Runtime {
     }
 }
 
+/// One call counted against `max_instances`, from its start until `call`
+/// returns or its future is dropped.
+struct RunningCall<'a>(&'a AtomicU32);
+
+impl<'a> RunningCall<'a> {
+    fn start(running: &'a AtomicU32, max: u32) -> Option<Self> {
+        running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| RunningCall(running))
+    }
+}
+
+impl Drop for RunningCall<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Extracts a Rust panic message ("panicked at ...:\nMESSAGE") from stderr.
 fn panic_message(stderr: &str) -> Option<String> {
     let at = stderr.find("panicked at ")?;
@@ -397,12 +450,13 @@ fn in_place_reset_bytes(settings: &EngineSettings) -> u64 {
 /// linear memories (a Rust tool's is a few KiB).
 const TABLE_KEEP_RESIDENT: usize = 64 << 10;
 
-fn engine_config(settings: &EngineSettings, in_place_reset_bytes: u64) -> Config {
+/// `slots`: the pool's instances, `max_instances` and the teardown headroom.
+fn engine_config(settings: &EngineSettings, slots: u32, in_place_reset_bytes: u64) -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
     config.consume_fuel(settings.fuel);
-    let instances = settings.max_instances.max(1);
+    let instances = slots.max(1);
     let mut pool = PoolingAllocationConfig::default();
     // A Rust tool component holds one memory and a handful of core instances
     // and tables; these totals leave room for components built by other

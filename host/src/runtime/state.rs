@@ -85,6 +85,18 @@ impl HostState {
         Ok((state, stdio))
     }
 
+    /// Drops everything with an effect outside the Store (event sink,
+    /// resources, WASI context, database handles, quota bookkeeping), so
+    /// that the Store itself can be freed later.
+    pub(crate) fn release(&mut self) {
+        self.wasi = None;
+        self.table = ResourceTable::new();
+        self.fs_quota = None;
+        self.events = EventSink::discard();
+        self.config = BTreeMap::new();
+        self.databases.grants = BTreeMap::new();
+    }
+
     /// The `wasi:filesystem` view that enforces the directory quotas.
     pub(crate) fn quota_fs(&mut self) -> QuotaFsView<'_> {
         let inner = WasiFilesystemCtxView {
