@@ -348,84 +348,177 @@ async fn no_call_sees_the_memory_of_an_earlier_one() {
     }
 }
 
-/// A runtime built as `cordon serve` builds its own: workers tear a finished
-/// call's instance down when they idle.
-fn serving_runtime() -> tokio::runtime::Runtime {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(2).enable_all();
-    cordon::runtime::tear_down_when_idle(&mut builder);
+/// A one-thread runtime with the idle hooks `cordon serve` installs: the
+/// thread idles whenever the test awaits something that is not ready, and
+/// every call, kept Store and spare is on that one thread.
+fn idling_runtime() -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_all();
+    cordon::runtime::use_idle_time(&mut builder);
     builder.build().unwrap()
 }
 
-/// Polls `done` for up to 5 s.
-async fn eventually(what: &str, done: impl Fn() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(started.elapsed() < Duration::from_secs(5), "{what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+/// Lets the runtime's thread run out of work, so its idle hook runs.
+async fn idle() {
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+fn idle_instances(sandbox: &Sandbox) -> (u32, u32) {
+    let idle = sandbox.app.dispatcher.registry().runtime().idle_instances();
+    (idle.awaiting_teardown, idle.spares)
+}
+
+/// The hostile tool with a per-tenant directory and no quota (a quota'd
+/// grant gets no spare).
+fn spare_friendly_config(extra: &str) -> String {
+    format!(
+        r#"
+[tools.hostile]
+dirs = [{{ path = "rw/{{tenant}}", guest = "/data", mode = "rw" }}]
+[tools.hostile.limits]
+timeout_ms = {TIMEOUT_MS}
+memory_mib = 32
+max_notifications = 100
+{extra}
+"#
+    )
+}
+
+async fn spare_friendly(extra: &str) -> Sandbox {
+    let sandbox = Sandbox::new(&["hostile"], &spare_friendly_config(extra)).await;
+    for tenant in ["t1", "t2"] {
+        std::fs::create_dir_all(sandbox.data().join("rw").join(tenant)).unwrap();
     }
+    sandbox
 }
 
 #[test]
-fn a_finished_instance_is_torn_down_once_its_worker_idles() {
-    let rt = serving_runtime();
-    // Spawned: the hooks run on the runtime's workers, not on the thread
-    // that blocks on the runtime.
-    rt.block_on(rt.spawn(async {
-        let sandbox = hostile().await;
-        let runtime = sandbox.app.dispatcher.registry().runtime().clone();
-        // Let both workers idle once, so both keep Stores from now on.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+fn an_idle_worker_tears_the_last_instance_down_and_prepares_the_next() {
+    idling_runtime().block_on(async {
+        let sandbox = spare_friendly("").await;
+        idle().await;
 
-        let ok = sandbox.ok("ok", json!({})).await;
-        assert_eq!(text(&ok), "ok");
-        // The task has not yielded since: its worker has not idled.
-        assert_eq!(runtime.stores_awaiting_teardown(), 1);
-        eventually("the kept Store is dropped when its worker idles", || {
-            runtime.stores_awaiting_teardown() == 0
-        })
-        .await;
+        next_call_works(&sandbox).await;
+        // Not idled since: the finished Store waits, no spare yet.
+        assert_eq!(idle_instances(&sandbox), (1, 0));
+        idle().await;
+        assert_eq!(idle_instances(&sandbox), (0, 1), "torn down, spare made");
 
-        // Back to back, without idling in between: the earlier Store goes
-        // when the next call ends, so one worker keeps at most one.
-        for _ in 0..20 {
-            assert_eq!(
-                text(&sandbox.ok("leave_traces", json!({})).await),
-                "fresh memory"
-            );
-            assert!(runtime.stores_awaiting_teardown() <= 2);
+        // The next call of the component takes the spare (any of its tools).
+        let result = sandbox.ok("leave_traces", json!({})).await;
+        assert_eq!(text(&result), "fresh memory");
+        assert_eq!(idle_instances(&sandbox), (1, 0), "the spare was used");
+
+        // No call sees what an earlier one left, spare or not.
+        for _ in 0..10 {
+            idle().await;
+            assert_eq!(idle_instances(&sandbox).1, 1);
+            let result = sandbox.ok("leave_traces", json!({})).await;
+            assert_eq!(text(&result), "fresh memory");
+            let result = sandbox.ok("leave_traces", json!({})).await;
+            assert_eq!(text(&result), "fresh memory");
         }
-        let calls = (0..8).map(|_| sandbox.call("leave_traces", json!({})));
-        for outcome in futures::future::join_all(calls).await {
-            assert_eq!(text(&outcome.result.expect("leave_traces")), "fresh memory");
-        }
-        eventually("every kept Store is dropped once the workers idle", || {
-            runtime.stores_awaiting_teardown() == 0
-        })
-        .await;
-    }))
-    .unwrap();
-}
 
-#[test]
-fn kept_instances_do_not_count_against_max_instances() {
-    let rt = serving_runtime();
-    rt.block_on(rt.spawn(async {
-        let config = format!(
-            "{}\n[runtime.engine]\nmax_instances = 1\n",
-            hostile_config()
+        // A spare gets the call's events and deadline, not its own.
+        idle().await;
+        let (outcome, events) = sandbox
+            .call_with_events("many_log_messages", json!({}))
+            .await;
+        outcome.result.unwrap();
+        assert_eq!(events.len(), 100, "max_notifications = 100");
+        assert_eq!(idle_instances(&sandbox), (1, 0), "the spare was used");
+        tokio::time::sleep(Duration::from_millis(2 * TIMEOUT_MS)).await;
+        assert_eq!(idle_instances(&sandbox), (0, 1));
+        let started = Instant::now();
+        let failure = sandbox.failure("spin", json!({})).await;
+        assert!(matches!(failure, CallFailure::Timeout(_)), "{failure:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(TIMEOUT_MS)
+                && took < Duration::from_millis(TIMEOUT_MS + 400),
+            "a spare made {:?} ago must time out {TIMEOUT_MS} ms after its call starts: {took:?}",
+            Duration::from_millis(2 * TIMEOUT_MS)
         );
-        let sandbox = Sandbox::new(&["hostile"], &config).await;
-        let runtime = sandbox.app.dispatcher.registry().runtime().clone();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+}
 
-        // One call at a time: each succeeds while the last one's Store waits.
-        for _ in 0..5 {
+#[test]
+fn a_spare_serves_only_a_call_with_the_same_grants() {
+    idling_runtime().block_on(async {
+        let sandbox = spare_friendly("").await;
+        idle().await;
+        // t1's call leaves a spare built from t1's grants.
+        next_call_works(&sandbox).await;
+        idle().await;
+        assert_eq!(idle_instances(&sandbox), (0, 1));
+
+        // t2 does not get it: its directory is another one.
+        let result = sandbox
+            .call_as(
+                "t2",
+                "write_file",
+                json!({"path": "/data/whose.txt", "content": "t2's"}),
+            )
+            .await
+            .result
+            .expect("write_file as t2");
+        assert_ne!(result.is_error, Some(true), "{}", text(&result));
+        assert_eq!(idle_instances(&sandbox), (1, 1), "t1's spare stays unused");
+        assert_eq!(
+            std::fs::read_to_string(sandbox.data().join("rw/t2/whose.txt")).unwrap(),
+            "t2's"
+        );
+        assert!(!sandbox.data().join("rw/t1/whose.txt").exists());
+
+        // Idle again: t1's spare is replaced by one for t2, the last caller.
+        idle().await;
+        assert_eq!(idle_instances(&sandbox), (0, 1));
+        let result = sandbox
+            .call_as("t2", "read_file", json!({"path": "/data/whose.txt"}))
+            .await
+            .result
+            .expect("read_file as t2");
+        assert_eq!(text(&result), "t2's");
+        assert_eq!(idle_instances(&sandbox), (1, 0), "t2's spare was used");
+        // And t1, whose spare is gone, reads its own (empty) directory.
+        let result = sandbox
+            .call_as("t1", "read_file", json!({"path": "/data/whose.txt"}))
+            .await
+            .result
+            .expect("read_file as t1");
+        assert!(!text(&result).contains("t2's"), "{}", text(&result));
+    });
+}
+
+#[test]
+fn a_quota_d_grant_gets_no_spare() {
+    // The quota's usage is counted when a call's state is built.
+    idling_runtime().block_on(async {
+        let sandbox = hostile().await;
+        idle().await;
+        next_call_works(&sandbox).await;
+        idle().await;
+        assert_eq!(idle_instances(&sandbox), (0, 0));
+    });
+}
+
+#[test]
+fn idle_instances_do_not_count_against_max_instances() {
+    idling_runtime().block_on(async {
+        let sandbox = spare_friendly("[runtime.engine]\nmax_instances = 1\n").await;
+        idle().await;
+
+        // One call at a time, each while the last one's Store waits and,
+        // after an idle moment, a spare is held too.
+        for _ in 0..3 {
             next_call_works(&sandbox).await;
-            assert_eq!(runtime.stores_awaiting_teardown(), 1);
+            assert_eq!(idle_instances(&sandbox), (1, 0));
+            next_call_works(&sandbox).await;
+            idle().await;
+            assert_eq!(idle_instances(&sandbox), (0, 1));
         }
         // Two at once: the second finds the one slot taken by a running call.
-        let (first, second) = tokio::join!(sandbox.call("sleep_forever", json!({})), async {
+        let (first, second) = tokio::join!(sandbox.call("spin", json!({})), async {
             tokio::time::sleep(Duration::from_millis(100)).await;
             sandbox.call("ok", json!({})).await
         });
@@ -441,6 +534,5 @@ fn kept_instances_do_not_count_against_max_instances() {
             other => panic!("a second call beyond max_instances ran: {other:?}"),
         }
         next_call_works(&sandbox).await;
-    }))
-    .unwrap();
+    });
 }

@@ -893,7 +893,7 @@ fn no_auth() -> std::sync::Arc<cordon::auth::Authenticator> {
 fn server_runtime(thread_name: &str) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.thread_name(thread_name).enable_all();
-    cordon::runtime::tear_down_when_idle(&mut builder);
+    cordon::runtime::use_idle_time(&mut builder);
     builder.build()
 }
 

@@ -442,7 +442,7 @@ impl Dispatcher {
     /// Runs the tool in a fresh sandboxed instance.
     async fn run(
         &self,
-        component: &ToolComponent,
+        component: &Arc<ToolComponent>,
         tool: &str,
         arguments: &str,
         spec: CallSpec,

@@ -228,9 +228,9 @@ fn main() -> ExitCode {
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    // Workers tear a finished call's instance down once they are idle, after
-    // the reply has gone out.
-    cordon::runtime::tear_down_when_idle(&mut builder);
+    // Workers tear a finished call's instance down, and prepare the next
+    // call's, when idle: after the reply has gone out.
+    cordon::runtime::use_idle_time(&mut builder);
     let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {

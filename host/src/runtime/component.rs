@@ -2,11 +2,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use rmcp::model::{CallToolResult, JsonObject, Tool, ToolAnnotations};
 use sha2::{Digest, Sha256};
 use wasmtime::Store;
-use wasmtime::component::{ComponentExportIndex, TypedFunc};
+use wasmtime::component::{ComponentExportIndex, Func, TypedFunc};
 
 use super::Runtime;
 use super::bindings::{ToolProvider, ToolProviderPre, types};
@@ -106,11 +107,34 @@ pub struct ToolComponent {
     imports_wasi: bool,
     tools: Vec<Arc<ToolInfo>>,
     cache: CacheStatus,
+    /// Spare instances of it that could not be made in one go (see `idle`).
+    failed_spares: AtomicU8,
 }
 
 /// The guest's `call-tool(name, arguments)`, typed.
 pub(crate) type CallToolFunc<'a> =
     TypedFunc<(&'a str, &'a str), (Result<types::CallResult, types::CallError>,)>;
+
+/// The `call-tool` export of an instance of a loaded component. Only
+/// [`ToolComponent::instantiate`] makes one.
+#[derive(Clone, Copy)]
+pub(crate) struct CallToolExport(Func);
+
+impl CallToolExport {
+    /// The export, typed.
+    ///
+    /// Unlike the generated `ToolProviderPre::instantiate_async`, this does
+    /// not type-check the exports again: that costs a few µs on every call,
+    /// and every instance of one pre-linked component has the same exports,
+    /// which `load` checked once.
+    #[allow(unsafe_code)]
+    pub(crate) fn typed<'a>(self) -> CallToolFunc<'a> {
+        // SAFETY: `list_tools`, run by `load` on an instance of the same
+        // `InstancePre` this export's instance came from, checked that the
+        // export has exactly this type.
+        unsafe { CallToolFunc::new_unchecked(self.0) }
+    }
+}
 
 /// The exported interface every tool component provides, and its function
 /// that runs a tool.
@@ -210,6 +234,7 @@ impl ToolComponent {
             imports_wasi,
             tools: Vec::new(),
             cache: cache_status,
+            failed_spares: AtomicU8::new(0),
         };
         let definitions = loaded.list_tools(runtime, limits).await.map_err(invalid)?;
         let mut tools = Vec::with_capacity(definitions.len());
@@ -299,33 +324,44 @@ impl ToolComponent {
         &self.tools
     }
 
+    /// Whether a worker may prepare instances of it while idle: not once
+    /// three attempts failed to instantiate at once (a start function that
+    /// runs long, say), so a component cannot make Cordon run its code
+    /// outside calls again and again. A reload starts the count afresh.
+    pub(crate) fn spares_allowed(&self) -> bool {
+        self.failed_spares.load(Ordering::Relaxed) < 3
+    }
+
+    /// Records whether preparing a spare instance worked.
+    pub(crate) fn spare_prepared(&self, ok: bool) {
+        if !ok {
+            let _ = self
+                .failed_spares
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_add(1))
+                });
+        }
+    }
+
     /// Whether its calls need a WASI context (it imports a `wasi:` interface).
     pub(crate) fn imports_wasi(&self) -> bool {
         self.imports_wasi
     }
 
     /// A fresh instance in `store`, and its `call-tool`.
-    ///
-    /// Unlike the generated `ToolProviderPre::instantiate_async`, this does
-    /// not type-check the exports again: that costs a few µs on every call,
-    /// and every instance of one pre-linked component has the same exports,
-    /// which `load` checked once.
-    #[allow(unsafe_code)]
-    pub(crate) async fn instantiate<'a>(
+    pub(crate) async fn instantiate(
         &self,
         store: &mut Store<HostState>,
-    ) -> wasmtime::Result<CallToolFunc<'a>> {
+    ) -> wasmtime::Result<CallToolExport> {
         let instance = self
             .pre
             .instance_pre()
             .instantiate_async(&mut *store)
             .await?;
-        let func = instance
+        instance
             .get_func(&mut *store, self.call_tool)
-            .ok_or_else(|| wasmtime::format_err!("no export {TOOL_INTERFACE}#{CALL_TOOL}"))?;
-        // SAFETY: `list_tools`, run by `load` on an instance of this same
-        // `InstancePre`, checked that this export has exactly this type.
-        Ok(unsafe { CallToolFunc::new_unchecked(func) })
+            .map(CallToolExport)
+            .ok_or_else(|| wasmtime::format_err!("no export {TOOL_INTERFACE}#{CALL_TOOL}"))
     }
 
     /// Checks a result against the tool's output schema.

@@ -11,12 +11,12 @@ mod component;
 mod events;
 mod grants;
 mod host;
+mod idle;
 mod inspect;
 mod limits;
 mod output;
 mod registry;
 mod state;
-mod teardown;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -32,13 +32,13 @@ pub use cache::{CacheStatus, CompileCache};
 pub use component::{LoadError, ToolComponent, ToolInfo};
 pub use events::{CallEvent, EventSink, LogLevel};
 pub use grants::{DirGrant, DirMode, Grants};
+pub use idle::use_idle_time;
 pub use inspect::inspect;
 pub use limits::Limits;
 pub use output::CallFailure;
 pub use registry::{
     LoadProblem, Registry, RegistryHandle, ToolEntry, ToolSource, ToolsChanged, WatchGuard,
 };
-pub use teardown::tear_down_when_idle;
 
 use bindings::ToolProvider;
 use state::HostState;
@@ -49,8 +49,9 @@ use state::HostState;
 pub struct EngineSettings {
     /// Calls that may run at once, each in an instance of its own. Calls
     /// beyond it fail fast with "unavailable". The pooling allocator has a
-    /// few slots more (one per CPU, at most 16) for finished instances whose
-    /// teardown waits for their worker to idle (see [`tear_down_when_idle`]).
+    /// few slots more (two per CPU, at most 32) for finished instances whose
+    /// teardown waits for their worker to idle, and for spare instances
+    /// prepared for a next call (see [`use_idle_time`]).
     pub max_instances: u32,
     /// The most memory any one call may be given, in bytes (the ceiling of
     /// every per-tool `memory_bytes`).
@@ -140,9 +141,9 @@ pub struct Runtime {
     databases: Arc<crate::db::Databases>,
     /// Calls between their start and their end; at most `max_instances`.
     running: AtomicU32,
-    /// Pool slots beyond `max_instances` for Stores whose teardown waits
-    /// for their worker to idle (see `teardown`).
-    headroom: Arc<teardown::Headroom>,
+    /// Pool slots beyond `max_instances` for finished Stores whose teardown
+    /// waits for their worker to idle, and for spare instances (see `idle`).
+    headroom: Arc<idle::Headroom>,
     _ticker: EpochTicker,
 }
 
@@ -159,7 +160,7 @@ impl Runtime {
     /// WASI 0.2 and the `cordon:tool` host interfaces.
     pub fn new(settings: EngineSettings) -> anyhow::Result<Self> {
         let in_place_reset_bytes = in_place_reset_bytes(&settings);
-        let headroom = teardown::Headroom::for_this_machine();
+        let headroom = idle::Headroom::for_this_machine();
         let slots = settings
             .max_instances
             .max(1)
@@ -196,10 +197,14 @@ impl Runtime {
         self.in_place_reset_bytes
     }
 
-    /// Finished calls' Stores that wait for their worker thread to idle
-    /// before they are torn down (see [`tear_down_when_idle`]).
-    pub fn stores_awaiting_teardown(&self) -> u32 {
-        self.headroom.used()
+    /// Instances that are not running a call: finished ones waiting for
+    /// their worker thread to idle to be torn down, and spares prepared for
+    /// a next call (see [`use_idle_time`]).
+    pub fn idle_instances(&self) -> IdleInstances {
+        IdleInstances {
+            awaiting_teardown: self.headroom.kept(),
+            spares: self.headroom.spares(),
+        }
     }
 
     /// The database backends calls use.
@@ -229,7 +234,7 @@ impl Runtime {
     /// in a fresh instance, within `spec`'s limits.
     pub async fn call(
         &self,
-        component: &ToolComponent,
+        component: &Arc<ToolComponent>,
         name: &str,
         arguments: &str,
         spec: CallSpec,
@@ -253,37 +258,63 @@ impl Runtime {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + limits.timeout;
 
-        let (state, stdio) = match HostState::new(
-            &grants,
-            &limits,
-            events,
-            self.databases.clone(),
-            component.imports_wasi(),
-        ) {
-            Ok(parts) => parts,
-            Err(e) => {
-                return CallOutcome {
-                    result: Err(CallFailure::Unavailable(e.to_string())),
-                    stats,
-                };
+        let spare = idle::take_spare(component, &grants, &limits, &self.databases, &self.engine);
+        let (mut store, stdio, ready, prepared_in) = match spare {
+            Some(spare) => {
+                let idle::Spare {
+                    mut store,
+                    stdio,
+                    call_tool,
+                    prepared_in,
+                    ..
+                } = spare;
+                store.data_mut().attach_events(events, &limits);
+                if let Err(e) = start_budgets(&mut store, self.settings.fuel, &limits) {
+                    return CallOutcome {
+                        result: Err(CallFailure::Unavailable(e.to_string())),
+                        stats,
+                    };
+                }
+                (store, stdio, Some(call_tool), prepared_in)
             }
-        };
-        let mut store = match self.new_store(state, &limits) {
-            Ok(store) => store,
-            Err(e) => {
-                return CallOutcome {
-                    result: Err(CallFailure::Unavailable(e.to_string())),
-                    stats,
+            None => {
+                let (state, stdio) = match HostState::new(
+                    &grants,
+                    &limits,
+                    events,
+                    self.databases.clone(),
+                    component.imports_wasi(),
+                ) {
+                    Ok(parts) => parts,
+                    Err(e) => {
+                        return CallOutcome {
+                            result: Err(CallFailure::Unavailable(e.to_string())),
+                            stats,
+                        };
+                    }
                 };
+                match self.new_store(state, &limits) {
+                    Ok(store) => (store, stdio, None, Duration::ZERO),
+                    Err(e) => {
+                        return CallOutcome {
+                            result: Err(CallFailure::Unavailable(e.to_string())),
+                            stats,
+                        };
+                    }
+                }
             }
         };
 
         let run = async {
             // Instantiation errors are the outer error, the guest's own
             // failures the inner one.
-            let call_tool = component.instantiate(&mut store).await?;
+            let call_tool = match ready {
+                Some(call_tool) => call_tool,
+                None => component.instantiate(&mut store).await?,
+            };
             let instantiated = Instant::now();
             let result = call_tool
+                .typed()
                 .call_async(&mut store, (name, arguments))
                 .await
                 .map(|(result,)| result);
@@ -311,11 +342,11 @@ impl Runtime {
                 Err(failure)
             }
             Ok(Err(e)) => {
-                stats.instantiate = ended - started;
+                stats.instantiate = prepared_in + (ended - started);
                 Err(self.classify_trap(&store, &limits, &stdio, e, true))
             }
             Ok(Ok((instantiated, result))) => {
-                stats.instantiate = instantiated - started;
+                stats.instantiate = prepared_in + (instantiated - started);
                 stats.execute = ended - instantiated;
                 match result {
                     Err(e) => Err(self.classify_trap(&store, &limits, &stdio, e, false)),
@@ -342,23 +373,21 @@ impl Runtime {
             stats.fuel_consumed = store.get_fuel().ok().map(|left| budget - left.min(budget));
         }
         log_stdio(name, &stdio);
-        teardown::retire(store, &self.headroom);
+        idle::finish(store, || idle::Recipe {
+            component: component.clone(),
+            grants,
+            limits,
+            databases: self.databases.clone(),
+            engine: self.engine.clone(),
+            fuel: self.settings.fuel,
+            headroom: self.headroom.clone(),
+        });
         CallOutcome { result, stats }
     }
 
-    /// A Store for one call, with its limiter, epoch deadline and fuel set.
+    /// A Store for one call of this runtime (see [`new_store`]).
     fn new_store(&self, state: HostState, limits: &Limits) -> wasmtime::Result<Store<HostState>> {
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|s| &mut s.limiter);
-        // Yield to the executor at every epoch tick: a guest that never calls
-        // the host still gives its tokio worker back, and the deadline and
-        // cancellation branches of `call` get polled.
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
-        if self.settings.fuel {
-            store.set_fuel(limits.fuel.unwrap_or(u64::MAX))?;
-        }
-        Ok(store)
+        new_store(&self.engine, self.settings.fuel, state, limits)
     }
 
     /// Turns a wasmtime error into the failure the caller should see.
@@ -392,6 +421,46 @@ impl Runtime {
         };
         CallFailure::Trap(what)
     }
+}
+
+/// A Store for one call, with its limiter, epoch deadline and fuel set.
+fn new_store(
+    engine: &Engine,
+    fuel: bool,
+    state: HostState,
+    limits: &Limits,
+) -> wasmtime::Result<Store<HostState>> {
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limiter);
+    // Yield to the executor at every epoch tick: a guest that never calls
+    // the host still gives its tokio worker back, and the deadline and
+    // cancellation branches of `call` get polled.
+    store.epoch_deadline_async_yield_and_update(1);
+    start_budgets(&mut store, fuel, limits)?;
+    Ok(store)
+}
+
+/// Starts a call's epoch deadline and fuel afresh: at the Store's creation,
+/// and again when a call takes a spare made earlier.
+fn start_budgets(
+    store: &mut Store<HostState>,
+    fuel: bool,
+    limits: &Limits,
+) -> wasmtime::Result<()> {
+    store.set_epoch_deadline(1);
+    if fuel {
+        store.set_fuel(limits.fuel.unwrap_or(u64::MAX))?;
+    }
+    Ok(())
+}
+
+/// Instances not running a call (see [`Runtime::idle_instances`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleInstances {
+    /// Finished calls' instances whose worker has not idled since.
+    pub awaiting_teardown: u32,
+    /// Instances prepared for a next call.
+    pub spares: u32,
 }
 
 /// One call counted against `max_instances`, from its start until `call`

@@ -85,6 +85,13 @@ impl HostState {
         Ok((state, stdio))
     }
 
+    /// Gives a state built ahead of its call (a spare, see `idle`) the
+    /// call's event sink, bounded as in [`Self::new`].
+    pub(crate) fn attach_events(&mut self, mut events: EventSink, limits: &Limits) {
+        events.limit(limits.max_notifications);
+        self.events = events;
+    }
+
     /// Drops everything with an effect outside the Store (event sink,
     /// resources, WASI context, database handles, quota bookkeeping), so
     /// that the Store itself can be freed later.
