@@ -399,10 +399,22 @@ fn an_idle_worker_tears_the_last_instance_down_and_prepares_the_next() {
         idle().await;
 
         next_call_works(&sandbox).await;
-        // Not idled since: the finished Store waits, no spare yet.
+        // Not idled since: the finished Store waits.
         assert_eq!(idle_instances(&sandbox), (1, 0));
         idle().await;
-        assert_eq!(idle_instances(&sandbox), (0, 1), "torn down, spare made");
+        assert_eq!(
+            idle_instances(&sandbox),
+            (0, 0),
+            "torn down; one call, no spare"
+        );
+        next_call_works(&sandbox).await;
+        assert_eq!(idle_instances(&sandbox), (1, 0));
+        idle().await;
+        assert_eq!(
+            idle_instances(&sandbox),
+            (0, 1),
+            "the same call twice: a spare"
+        );
 
         // The next call of the component takes the spare (any of its tools).
         let result = sandbox.ok("leave_traces", json!({})).await;
@@ -447,7 +459,8 @@ fn a_spare_serves_only_a_call_with_the_same_grants() {
     idling_runtime().block_on(async {
         let sandbox = spare_friendly("").await;
         idle().await;
-        // t1's call leaves a spare built from t1's grants.
+        // t1's calls leave a spare built from t1's grants.
+        next_call_works(&sandbox).await;
         next_call_works(&sandbox).await;
         idle().await;
         assert_eq!(idle_instances(&sandbox), (0, 1));
@@ -470,9 +483,17 @@ fn a_spare_serves_only_a_call_with_the_same_grants() {
         );
         assert!(!sandbox.data().join("rw/t1/whose.txt").exists());
 
-        // Idle again: t1's spare is replaced by one for t2, the last caller.
+        // Idle again: t1's spare is dropped; t2 called once, so no spare yet.
         idle().await;
-        assert_eq!(idle_instances(&sandbox), (0, 1));
+        assert_eq!(idle_instances(&sandbox), (0, 0));
+        let result = sandbox
+            .call_as("t2", "read_file", json!({"path": "/data/whose.txt"}))
+            .await
+            .result
+            .expect("read_file as t2");
+        assert_eq!(text(&result), "t2's");
+        idle().await;
+        assert_eq!(idle_instances(&sandbox), (0, 1), "t2 twice: a spare for t2");
         let result = sandbox
             .call_as("t2", "read_file", json!({"path": "/data/whose.txt"}))
             .await
@@ -487,6 +508,19 @@ fn a_spare_serves_only_a_call_with_the_same_grants() {
             .result
             .expect("read_file as t1");
         assert!(!text(&result).contains("t2's"), "{}", text(&result));
+
+        // Tenants taking turns: no spare is made, as none would be used.
+        for _ in 0..3 {
+            for tenant in ["t2", "t1"] {
+                idle().await;
+                sandbox
+                    .call_as(tenant, "ok", json!({}))
+                    .await
+                    .result
+                    .unwrap();
+                assert_eq!(idle_instances(&sandbox), (1, 0));
+            }
+        }
     });
 }
 
@@ -510,6 +544,7 @@ fn idle_instances_do_not_count_against_max_instances() {
 
         // One call at a time, each while the last one's Store waits and,
         // after an idle moment, a spare is held too.
+        next_call_works(&sandbox).await;
         for _ in 0..3 {
             next_call_works(&sandbox).await;
             assert_eq!(idle_instances(&sandbox), (1, 0));

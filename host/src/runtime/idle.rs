@@ -8,10 +8,11 @@
 //! one. Together they are about half of the sandbox's cost for a small call.
 //! On a tokio runtime built with [`use_idle_time`], a worker keeps the Store
 //! of its last call and drops it once it has nothing else to do, after the
-//! reply has gone out; then, for the component its last call ran, it creates
-//! a Store and an instance from the same grants and limits: a *spare*. The
-//! next call on that worker with exactly the same component, grants and
-//! limits runs in the spare instead of instantiating. Everything stays on
+//! reply has gone out. Then, if its last two calls ran the same component
+//! with the same grants and limits, it creates a Store and an instance from
+//! them: a *spare*. The next call on that worker with exactly the same
+//! component, grants and limits runs in the spare instead of instantiating.
+//! (When consecutive calls differ, no spare is made: it would go unused.) Everything stays on
 //! the worker's own core: dropping on another thread costs more (cold
 //! caches, and a TLB flush on the core that ran the call; see BENCHMARKS.md).
 //!
@@ -55,7 +56,11 @@ thread_local! {
     /// Set by the idle hook: this thread is a worker that will run it again.
     static IDLES: Cell<bool> = const { Cell::new(false) };
     static KEPT: RefCell<Option<Kept>> = const { RefCell::new(None) };
+    /// What the last call on this thread ran in.
     static LAST: RefCell<Option<Recipe>> = const { RefCell::new(None) };
+    /// Set when a call ends, taken when the thread idles: whether that call
+    /// ran in what the call before it ran in.
+    static FINISHED: Cell<Option<bool>> = const { Cell::new(None) };
     static SPARE: RefCell<Option<Spare>> = const { RefCell::new(None) };
 }
 
@@ -73,17 +78,28 @@ fn worker_idle() {
     // Each is taken out of its thread-local before it is dropped or used:
     // that work must not run while a thread-local is borrowed.
     drop(KEPT.take());
-    let Some(recipe) = LAST.take() else {
+    let Some(repeated) = FINISHED.take() else {
         return;
     };
-    if let Some(spare) = SPARE.take() {
-        if spare.recipe.same_as(&recipe) {
-            SPARE.set(Some(spare));
-            return;
-        }
-        // Made for another call than the last one: of no use now.
-        drop(spare);
+    // A spare made for another call than the last one is of no use now.
+    let stale = SPARE.with(|spare| {
+        LAST.with(|last| match (&*spare.borrow(), &*last.borrow()) {
+            (Some(spare), Some(last)) => !spare.recipe.same_as(last),
+            (Some(_), None) => true,
+            (None, _) => false,
+        })
+    });
+    if stale {
+        drop(SPARE.take());
     }
+    // A spare only after the same call twice in a row: when consecutive
+    // calls differ (other tenants, other tools), it would go unused.
+    if !repeated || SPARE.with(|spare| spare.borrow().is_some()) {
+        return;
+    }
+    let Some(recipe) = LAST.with(|last| last.borrow().clone()) else {
+        return;
+    };
     let spare = Spare::prepare(recipe);
     SPARE.set(spare);
 }
@@ -96,6 +112,7 @@ fn worker_stopped() {
 
 /// What a call ran in: the component, the grants and limits its state was
 /// built from, and the runtime's parts that built its Store.
+#[derive(Clone)]
 pub(crate) struct Recipe {
     pub(crate) component: Arc<ToolComponent>,
     pub(crate) grants: Grants,
@@ -232,7 +249,10 @@ pub(crate) fn finish(mut store: Store<HostState>, recipe: impl FnOnce() -> Recip
     // goes first, which also frees its claim.
     drop(KEPT.take());
     let claim = recipe.headroom.claim(Use::Kept);
-    LAST.set(Some(recipe));
+    let repeated = LAST.with(|last| last.borrow().as_ref().is_some_and(|l| l.same_as(&recipe)));
+    FINISHED.set(Some(repeated));
+    // The previous recipe is dropped outside the borrow.
+    drop(LAST.replace(Some(recipe)));
     let Some(claim) = claim else {
         return;
     };
