@@ -384,11 +384,14 @@ max_notifications = 100
     )
 }
 
+/// The sandbox, once the runtime's thread has idled (it keeps Stores and
+/// makes spares from then on).
 async fn spare_friendly(extra: &str) -> Sandbox {
     let sandbox = Sandbox::new(&["hostile"], &spare_friendly_config(extra)).await;
     for tenant in ["t1", "t2"] {
         std::fs::create_dir_all(sandbox.data().join("rw").join(tenant)).unwrap();
     }
+    idle().await;
     sandbox
 }
 
@@ -396,7 +399,6 @@ async fn spare_friendly(extra: &str) -> Sandbox {
 fn an_idle_worker_tears_the_last_instance_down_and_prepares_the_next() {
     idling_runtime().block_on(async {
         let sandbox = spare_friendly("").await;
-        idle().await;
 
         next_call_works(&sandbox).await;
         // Not idled since: the finished Store waits.
@@ -458,7 +460,6 @@ fn an_idle_worker_tears_the_last_instance_down_and_prepares_the_next() {
 fn a_spare_serves_only_a_call_with_the_same_grants() {
     idling_runtime().block_on(async {
         let sandbox = spare_friendly("").await;
-        idle().await;
         // t1's calls leave a spare built from t1's grants.
         next_call_works(&sandbox).await;
         next_call_works(&sandbox).await;
@@ -540,7 +541,6 @@ fn a_quota_d_grant_gets_no_spare() {
 fn idle_instances_do_not_count_against_max_instances() {
     idling_runtime().block_on(async {
         let sandbox = spare_friendly("[runtime.engine]\nmax_instances = 1\n").await;
-        idle().await;
 
         // One call at a time, each while the last one's Store waits and,
         // after an idle moment, a spare is held too.
