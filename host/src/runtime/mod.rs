@@ -258,50 +258,18 @@ impl Runtime {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + limits.timeout;
 
-        let spare = idle::take_spare(component, &grants, &limits, &self.databases, &self.engine);
-        let (mut store, stdio, ready, prepared_in) = match spare {
-            Some(spare) => {
-                let idle::Spare {
-                    mut store,
-                    stdio,
-                    call_tool,
-                    prepared_in,
-                    ..
-                } = spare;
-                store.data_mut().attach_events(events, &limits);
-                if let Err(e) = start_budgets(&mut store, self.settings.fuel, &limits) {
-                    return CallOutcome {
-                        result: Err(CallFailure::Unavailable(e.to_string())),
-                        stats,
-                    };
-                }
-                (store, stdio, Some(call_tool), prepared_in)
-            }
-            None => {
-                let (state, stdio) = match HostState::new(
-                    &grants,
-                    &limits,
-                    events,
-                    self.databases.clone(),
-                    component.imports_wasi(),
-                ) {
-                    Ok(parts) => parts,
-                    Err(e) => {
-                        return CallOutcome {
-                            result: Err(CallFailure::Unavailable(e.to_string())),
-                            stats,
-                        };
-                    }
+        let CallStore {
+            mut store,
+            stdio,
+            ready,
+            prepared_in,
+        } = match self.store_for_call(component, &grants, &limits, events) {
+            Ok(parts) => parts,
+            Err(e) => {
+                return CallOutcome {
+                    result: Err(CallFailure::Unavailable(e)),
+                    stats,
                 };
-                match self.new_store(state, &limits) {
-                    Ok(store) => (store, stdio, None, Duration::ZERO),
-                    Err(e) => {
-                        return CallOutcome {
-                            result: Err(CallFailure::Unavailable(e.to_string())),
-                            stats,
-                        };
-                    }
-                }
             }
         };
 
@@ -385,6 +353,52 @@ impl Runtime {
         CallOutcome { result, stats }
     }
 
+    /// The Store a call runs in: this worker's spare if it was made for
+    /// exactly this call (already instantiated, given the call's events,
+    /// deadline and fuel), else a new one.
+    fn store_for_call(
+        &self,
+        component: &Arc<ToolComponent>,
+        grants: &Grants,
+        limits: &Limits,
+        events: EventSink,
+    ) -> Result<CallStore, String> {
+        if let Some(spare) =
+            idle::take_spare(component, grants, limits, &self.databases, &self.engine)
+        {
+            let idle::Spare {
+                mut store,
+                stdio,
+                call_tool,
+                prepared_in,
+                ..
+            } = spare;
+            store.data_mut().attach_events(events, limits);
+            start_budgets(&mut store, self.settings.fuel, limits).map_err(|e| e.to_string())?;
+            return Ok(CallStore {
+                store,
+                stdio,
+                ready: Some(call_tool),
+                prepared_in,
+            });
+        }
+        let (state, stdio) = HostState::new(
+            grants,
+            limits,
+            events,
+            self.databases.clone(),
+            component.imports_wasi(),
+        )
+        .map_err(|e| e.to_string())?;
+        let store = self.new_store(state, limits).map_err(|e| e.to_string())?;
+        Ok(CallStore {
+            store,
+            stdio,
+            ready: None,
+            prepared_in: Duration::ZERO,
+        })
+    }
+
     /// A Store for one call of this runtime (see [`new_store`]).
     fn new_store(&self, state: HostState, limits: &Limits) -> wasmtime::Result<Store<HostState>> {
         new_store(&self.engine, self.settings.fuel, state, limits)
@@ -452,6 +466,16 @@ fn start_budgets(
         store.set_fuel(limits.fuel.unwrap_or(u64::MAX))?;
     }
     Ok(())
+}
+
+/// The Store a call runs in, and what was done ahead of the call.
+struct CallStore {
+    store: Store<HostState>,
+    stdio: state::Stdio,
+    /// The instance's `call-tool`, when a spare was already instantiated.
+    ready: Option<component::CallToolExport>,
+    /// What creating the spare's Store and instantiating took.
+    prepared_in: Duration,
 }
 
 /// Instances not running a call (see [`Runtime::idle_instances`]).
