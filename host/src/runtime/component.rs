@@ -332,15 +332,13 @@ impl ToolComponent {
         self.failed_spares.load(Ordering::Relaxed) < 3
     }
 
-    /// Records whether preparing a spare instance worked.
-    pub(crate) fn spare_prepared(&self, ok: bool) {
-        if !ok {
-            let _ = self
-                .failed_spares
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    Some(n.saturating_add(1))
-                });
-        }
+    /// Counts a spare instance that could not be made in one go.
+    pub(crate) fn spare_failed(&self) {
+        let _ = self
+            .failed_spares
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(1))
+            });
     }
 
     /// Whether its calls need a WASI context (it imports a `wasi:` interface).

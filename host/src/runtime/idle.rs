@@ -207,7 +207,9 @@ impl Spare {
                 Poll::Ready(Err(_)) | Poll::Pending => None,
             }
         };
-        recipe.component.spare_prepared(instantiated.is_some());
+        if instantiated.is_none() {
+            recipe.component.spare_failed();
+        }
         Some(Spare {
             call_tool: instantiated?,
             prepared_in: started.elapsed(),
