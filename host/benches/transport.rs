@@ -32,7 +32,11 @@
 //! `-- idle` and `-- tenancy` run sections 1, 2, 3 and 4 alone;
 //! `-- throughput side=NAME[,NAME…]` (`wasm-null`, `native-null`, `wasm`,
 //! `native`, `rmcp`) measures only those sides of section 1, and
-//! `clients=N` one load, for profiling.
+//! `clients=N` one load, for profiling. With `marks`, every run of an
+//! interleaved section prints `mark SERVER START END` on stderr (CLOCK_MONOTONIC,
+//! as `perf record -k CLOCK_MONOTONIC` stamps its samples), and
+//! `host/benches/perf-split.py` compares two servers' profiles from one
+//! recording, each sample counted for the server loaded when it was taken.
 //!
 //! In 1 and 2 the servers run on one tokio runtime and the load driver on
 //! another, in this process (two worker threads each, like two processes
@@ -568,6 +572,24 @@ fn server_cpu_time() -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
 }
 
+/// `instant` in seconds of CLOCK_MONOTONIC, the clock `Instant` reads on
+/// Linux. std offers no accessor; its `Debug` shows the raw `timespec`.
+fn monotonic(instant: Instant) -> String {
+    let debug = format!("{instant:?}");
+    let field = |name: &str| -> Option<u64> {
+        let rest = &debug[debug.find(name)? + name.len()..];
+        rest.trim_start_matches([':', ' '])
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    match (field("tv_sec"), field("tv_nsec")) {
+        (Some(secs), Some(nanos)) => format!("{secs}.{nanos:09}"),
+        _ => format!("unknown({debug})"),
+    }
+}
+
 fn thousands(n: f64) -> String {
     let digits = format!("{:.0}", n);
     let mut out = String::new();
@@ -662,7 +684,15 @@ fn interleaved(
             }
             let cpu_before = server_cpu_time()?;
             let (addr, call) = targets[i];
+            let started = Instant::now();
             let run = clients_rt.block_on(load(mcp_uri(addr), call, clients, warmup, measure))?;
+            if arg("marks") {
+                eprintln!(
+                    "mark {i} {} {}",
+                    monotonic(started),
+                    monotonic(Instant::now())
+                );
+            }
             let cpu = server_cpu_time()? - cpu_before;
             // Warm-up calls are not in `run` but used CPU too: count them
             // at the measured rate.
