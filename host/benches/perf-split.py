@@ -3,7 +3,7 @@
 `perf` recording: each sample is counted for the server that was loaded when
 it was taken, so both servers are profiled under the same machine conditions.
 
-    B=target/release/deps/transport-…   # cargo bench -p cordon --bench transport --no-run
+    B=$PWD/target/release/deps/transport-…   # from `cargo bench -p cordon --bench transport --no-run`
     (cd host && perf record -k CLOCK_MONOTONIC -F 999 --call-graph dwarf,16384 -o /tmp/perf.data \\
         -- $B --bench -- throughput side=wasm-null,native-null clients=16 marks 2>/tmp/marks.txt)
     perf script --no-inline -F comm,tid,time,ip,sym,dso -i /tmp/perf.data > /tmp/samples.txt
