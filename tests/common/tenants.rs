@@ -220,6 +220,12 @@ pub async fn call_as(server: &Http, token: &str, tool: &str, arguments: Value) -
 
 /// The audit records, once the batched writer has caught up with `min`.
 pub fn audit_records(path: &Path, min: usize) -> Vec<Value> {
+    audit_records_until(path, |records| records.len() >= min)
+}
+
+/// The audit records, once `done` holds for them (or after 10 s): for a
+/// record that follows others, whose count alone says nothing.
+pub fn audit_records_until(path: &Path, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let records: Vec<Value> = std::fs::read_to_string(path)
@@ -227,7 +233,7 @@ pub fn audit_records(path: &Path, min: usize) -> Vec<Value> {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();
-        if records.len() >= min || std::time::Instant::now() > deadline {
+        if done(&records) || std::time::Instant::now() > deadline {
             return records;
         }
         std::thread::sleep(Duration::from_millis(50));
