@@ -368,6 +368,25 @@ fn idle_instances(sandbox: &Sandbox) -> (u32, u32) {
     (idle.awaiting_teardown, idle.spares)
 }
 
+/// One call, whose Store waits until the thread idles; then the idle
+/// instances once it has.
+async fn call_then_idle(sandbox: &Sandbox) -> (u32, u32) {
+    next_call_works(sandbox).await;
+    assert_eq!(idle_instances(sandbox), (1, 0), "the Store waits for idle");
+    idle().await;
+    idle_instances(sandbox)
+}
+
+/// What `tenant` reads from `/data/whose.txt` in its own directory.
+async fn whose_as(sandbox: &Sandbox, tenant: &str) -> String {
+    let result = sandbox
+        .call_as(tenant, "read_file", json!({"path": "/data/whose.txt"}))
+        .await
+        .result
+        .unwrap_or_else(|e| panic!("read_file as {tenant}: {e}"));
+    text(&result)
+}
+
 /// The hostile tool with a per-tenant directory and no quota (a quota'd
 /// grant gets no spare).
 fn spare_friendly_config(extra: &str) -> String {
@@ -400,20 +419,13 @@ fn an_idle_worker_tears_the_last_instance_down_and_prepares_the_next() {
     idling_runtime().block_on(async {
         let sandbox = spare_friendly("").await;
 
-        next_call_works(&sandbox).await;
-        // Not idled since: the finished Store waits.
-        assert_eq!(idle_instances(&sandbox), (1, 0));
-        idle().await;
         assert_eq!(
-            idle_instances(&sandbox),
+            call_then_idle(&sandbox).await,
             (0, 0),
             "torn down; one call, no spare"
         );
-        next_call_works(&sandbox).await;
-        assert_eq!(idle_instances(&sandbox), (1, 0));
-        idle().await;
         assert_eq!(
-            idle_instances(&sandbox),
+            call_then_idle(&sandbox).await,
             (0, 1),
             "the same call twice: a spare"
         );
@@ -487,28 +499,14 @@ fn a_spare_serves_only_a_call_with_the_same_grants() {
         // Idle again: t1's spare is dropped; t2 called once, so no spare yet.
         idle().await;
         assert_eq!(idle_instances(&sandbox), (0, 0));
-        let result = sandbox
-            .call_as("t2", "read_file", json!({"path": "/data/whose.txt"}))
-            .await
-            .result
-            .expect("read_file as t2");
-        assert_eq!(text(&result), "t2's");
+        assert_eq!(whose_as(&sandbox, "t2").await, "t2's");
         idle().await;
         assert_eq!(idle_instances(&sandbox), (0, 1), "t2 twice: a spare for t2");
-        let result = sandbox
-            .call_as("t2", "read_file", json!({"path": "/data/whose.txt"}))
-            .await
-            .result
-            .expect("read_file as t2");
-        assert_eq!(text(&result), "t2's");
+        assert_eq!(whose_as(&sandbox, "t2").await, "t2's");
         assert_eq!(idle_instances(&sandbox), (1, 0), "t2's spare was used");
         // And t1, whose spare is gone, reads its own (empty) directory.
-        let result = sandbox
-            .call_as("t1", "read_file", json!({"path": "/data/whose.txt"}))
-            .await
-            .result
-            .expect("read_file as t1");
-        assert!(!text(&result).contains("t2's"), "{}", text(&result));
+        let t1_reads = whose_as(&sandbox, "t1").await;
+        assert!(!t1_reads.contains("t2's"), "{t1_reads}");
 
         // Tenants taking turns: no spare is made, as none would be used.
         for _ in 0..3 {

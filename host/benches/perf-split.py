@@ -79,15 +79,17 @@ def main():
     def in_sandbox(frames):
         return any(p in f for f in frames for p in SANDBOX)
 
-    leaf = {}
+    leaf, sandbox, rest = {}, {}, {}
     print(f"µs per call        server {a:>2}   server {b:>2}   difference")
     for s in (a, b):
         leaf[s] = collections.Counter()
+        sandbox[s] = 0.0
         for frames in stacks[s]:
-            if not in_sandbox(frames):
+            if in_sandbox(frames):
+                sandbox[s] += per_sample[s]
+            else:
                 leaf[s][frames[0][:100]] += per_sample[s]
-    sandbox = {s: sum(per_sample[s] for f in stacks[s] if in_sandbox(f)) for s in (a, b)}
-    rest = {s: sum(leaf[s].values()) for s in (a, b)}
+        rest[s] = sum(leaf[s].values())
     for label, values in (("total", cpu), ("sandbox", sandbox), ("rest", rest)):
         print(f"{label:<16} {values[a]:>10.2f} {values[b]:>10.2f} {values[a] - values[b]:>10.2f}")
     for pattern in patterns:
