@@ -580,13 +580,16 @@ fn engine_config(settings: &EngineSettings, slots: u32, in_place_reset_bytes: u6
     // pages to the kernel (madvise) makes every CPU running one of our
     // threads flush its TLB, so without the in-place reset, where every
     // call decommits, a large batch turns one interrupt per call into one
-    // per batch. With it, decommits are empty unless a call dirtied more
-    // than `keep_resident`, and a large batch only keeps slots out of
-    // reach: the next call then runs in a slot last used 32 calls ago, on
-    // cold caches, instead of one used a few calls ago (~5 % of server CPU
-    // per call at 16 clients in the transport benchmark; batches of 1 and 4
-    // measured the same).
-    pool.decommit_batch_size(if keep_resident > 0 { 4 } else { 32 });
+    // per batch. With it, each freed memory and table queues one range that
+    // is empty unless the call dirtied more than `keep_resident`. A batch of
+    // 32 then kept slots out of reach, so the next call ran in a slot last
+    // used 32 calls ago, on cold caches (~5 % of server CPU per call at 16
+    // clients in the transport benchmark). Any batch above 1 also takes the
+    // shared queue's lock and makes one `process_madvise` call per flush
+    // over the empty ranges; a batch of 1 is flushed on the spot, and
+    // wasmtime skips a lone empty range without a system call (~1.2 µs per
+    // call less than batches of 4, in a split profile at 16 clients).
+    pool.decommit_batch_size(if keep_resident > 0 { 1 } else { 32 });
     pool.linear_memory_keep_resident(keep_resident)
         .table_keep_resident(keep_resident.min(TABLE_KEEP_RESIDENT))
         .pagemap_scan(if keep_resident > 0 {
