@@ -930,6 +930,150 @@ async fn streamable_http_sessions_open_fail_and_close() {
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "DELETE again");
 }
 
+/// The events of a whole `text/event-stream` body, each as its fields in
+/// order (comments left out).
+fn sse_fields(body: &str) -> Vec<Vec<(String, String)>> {
+    body.split("\n\n")
+        .map(|block| {
+            block
+                .lines()
+                .filter(|line| !line.starts_with(':'))
+                .map(|line| {
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    (
+                        field.to_owned(),
+                        value.strip_prefix(' ').unwrap_or(value).to_owned(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|fields| !fields.is_empty())
+        .collect()
+}
+
+#[tokio::test]
+async fn session_requests_are_answered_in_json_unless_the_call_streams() {
+    let server = start(&["conformance"], "", false).await;
+    let reply = server
+        .send(mcp_post(&server), initialize_body("2025-11-25"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.headers["content-type"], "application/json");
+    assert!(reply.headers.contains_key("mcp-session-id"));
+    let initialized: Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(initialized["result"]["protocolVersion"], "2025-11-25");
+
+    let session = server.streamable_session().await;
+
+    let plain = [
+        ("ping", json!({})),
+        ("tools/list", json!({})),
+        (
+            "tools/call",
+            json!({"name": "echo", "arguments": {"message": "hi"}}),
+        ),
+        ("resources/list", json!({})),
+    ];
+    for (method, params) in plain {
+        let reply = session
+            .post(json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{method}: {}", reply.body);
+        assert_eq!(
+            reply.headers["content-type"], "application/json",
+            "{method}: {}",
+            reply.body
+        );
+        // The whole body is one JSON-RPC message, not an event.
+        let message: Value = serde_json::from_str(&reply.body)
+            .unwrap_or_else(|e| panic!("{method}: {e}: {}", reply.body));
+        assert_eq!(message["jsonrpc"], "2.0", "{method}: {message}");
+        assert_eq!(message["id"], 7, "{method}: {message}");
+        match method {
+            "tools/call" => assert_eq!(message["result"]["content"][0]["text"], "hi"),
+            "resources/list" => assert_eq!(message["error"]["code"], -32601, "{message}"),
+            _ => assert!(message["result"].is_object(), "{method}: {message}"),
+        }
+    }
+
+    // A call that reports progress: an event stream, priming event first
+    // (an event id to resume from, the reconnection delay, no data), then the
+    // progress, then the result.
+    let reply = session
+        .post(json!({
+            "jsonrpc": "2.0", "id": 8, "method": "tools/call",
+            "params": {"name": "test_tool_with_progress", "arguments": {}, "_meta": {"progressToken": "p-8"}}
+        }))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert!(
+        reply.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"),
+        "{:?}",
+        reply.headers
+    );
+    let events = sse_fields(&reply.body);
+    let priming = &events[0];
+    assert!(
+        priming.iter().any(|(f, v)| f == "id" && !v.is_empty()),
+        "{priming:?}"
+    );
+    assert!(
+        priming
+            .iter()
+            .any(|(f, v)| f == "retry" && v.parse::<u64>().is_ok()),
+        "{priming:?}"
+    );
+    assert!(
+        priming.iter().all(|(f, v)| f != "data" || v.is_empty()),
+        "{priming:?}"
+    );
+    let messages: Vec<Value> = events[1..]
+        .iter()
+        .filter_map(|fields| fields.iter().find(|(f, _)| f == "data"))
+        .map(|(_, data)| serde_json::from_str(data).unwrap())
+        .collect();
+    let (result, progress) = messages.split_last().expect("no messages");
+    assert_eq!(progress.len(), 3, "{messages:?}");
+    for (n, expected) in progress.iter().zip([0.0, 50.0, 100.0]) {
+        assert_eq!(n["method"], "notifications/progress", "{n}");
+        assert_eq!(n["params"]["progressToken"], "p-8");
+        assert_eq!(n["params"]["progress"].as_f64(), Some(expected));
+    }
+    assert_eq!(result["id"], 8, "{result}");
+    assert_eq!(
+        result["result"]["content"][0]["text"],
+        "Tool with progress executed successfully"
+    );
+
+    // A call that logs, once the client asked for logs: an event stream too.
+    session
+        .result("logging/setLevel", json!({"level": "info"}))
+        .await;
+    let reply = session
+        .post(json!({
+            "jsonrpc": "2.0", "id": 9, "method": "tools/call",
+            "params": {"name": "test_tool_with_logging", "arguments": {}}
+        }))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let messages: Vec<Value> = sse_fields(&reply.body)
+        .iter()
+        .filter_map(|fields| fields.iter().find(|(f, v)| f == "data" && !v.is_empty()))
+        .map(|(_, data)| serde_json::from_str(data).unwrap())
+        .collect();
+    let (result, logs) = messages.split_last().expect("no messages");
+    assert_eq!(logs.len(), 3, "{messages:?}");
+    assert!(
+        logs.iter().all(|l| l["method"] == "notifications/message"),
+        "{logs:?}"
+    );
+    assert_eq!(logs[0]["params"]["data"], "Tool execution started");
+    assert_eq!(result["id"], 9, "{result}");
+}
+
 // ---------------------------------------------------------------------------
 // Memory per idle session
 

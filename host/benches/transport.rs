@@ -1155,7 +1155,7 @@ fn main() -> anyhow::Result<()> {
     );
     for (label, in_session) in [
         (format!("stateless {STATELESS_VERSION} (JSON)"), false),
-        (format!("in a {SESSION_VERSION} session (SSE)"), true),
+        (format!("in a {SESSION_VERSION} session (JSON)"), true),
     ] {
         let pick = |round: &(Samples, Samples)| {
             if in_session {

@@ -10,11 +10,14 @@ use std::sync::{Arc, Mutex};
 
 use rmcp::model::{
     CacheScope, CallToolRequestParams, CallToolResponse, CustomRequest, CustomResult,
-    Implementation, ListToolsResult, LoggingLevel, LoggingMessageNotificationParam,
-    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig,
+    GetExtensions as _, Implementation, ListToolsResult, LoggingLevel,
+    LoggingMessageNotificationParam, Notification, PaginatedRequestParams,
+    ProgressNotificationParam, ServerCapabilities, ServerConfig, ServerNotification,
     SetLevelRequestParams, SubscriptionFilter,
 };
-use rmcp::service::{NotificationContext, RequestContext, SubscriptionContext};
+use rmcp::service::{
+    NotificationContext, OriginatingRequestId, RequestContext, SubscriptionContext,
+};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -153,10 +156,18 @@ fn to_mcp_level(level: LogLevel) -> LoggingLevel {
 
 /// Sends a call's guest events to the client as MCP notifications, until the
 /// call drops its sink or the client goes away.
+///
+/// Log messages are marked with the call's request id, so that in a
+/// Streamable HTTP session they ride the call's own reply stream, as its
+/// progress does, rather than the session's standalone stream: the spec
+/// wants messages that relate to a request on that request's stream. (rmcp
+/// routes only progress by itself; the marker is read by Cordon's patch of
+/// the vendored copy.) Other transports have one stream and ignore it.
 async fn forward_events(
     mut events: mpsc::UnboundedReceiver<CallEvent>,
     peer: rmcp::Peer<RoleServer>,
     progress_token: Option<rmcp::model::ProgressToken>,
+    request_id: rmcp::model::RequestId,
 ) {
     while let Some(event) = events.recv().await {
         let sent = match event {
@@ -180,7 +191,12 @@ async fn forward_events(
             } => {
                 let mut param = LoggingMessageNotificationParam::new(to_mcp_level(level), data);
                 param.logger = logger;
-                peer.notify_logging_message(param).await
+                let mut notification =
+                    ServerNotification::LoggingMessageNotification(Notification::new(param));
+                notification
+                    .extensions_mut()
+                    .insert(OriginatingRequestId(request_id.clone()));
+                peer.send_notification(notification).await
             }
         };
         if sent.is_err() {
@@ -259,7 +275,12 @@ impl ServerHandler for McpHandler {
         let (events, forwarder) = if progress_token.is_some() || log_level.is_some() {
             let (tx, rx) = mpsc::unbounded_channel();
             let sink = EventSink::new(tx, log_level, progress_token.is_some());
-            let forwarder = tokio::spawn(forward_events(rx, context.peer.clone(), progress_token));
+            let forwarder = tokio::spawn(forward_events(
+                rx,
+                context.peer.clone(),
+                progress_token,
+                context.id.clone(),
+            ));
             (sink, Some(forwarder))
         } else {
             (EventSink::discard(), None)

@@ -28,8 +28,8 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// The JSON body, or the last JSON message of an event-stream body
-    /// (rmcp answers session requests on `/mcp` as a short event stream).
+    /// The JSON body, or the last JSON message of an event-stream body (the
+    /// reply to a call that sends progress or log messages).
     pub fn json(&self) -> Value {
         if let Ok(value) = serde_json::from_str(&self.body) {
             return value;

@@ -234,6 +234,14 @@ pub struct StreamableHttpServerConfig {
     /// If the handler emits a notification or request before the final response,
     /// the server falls back to `text/event-stream` so no message is lost.
     pub json_response: bool,
+    /// Cordon's patch: when true, a request in a legacy session (and the
+    /// `initialize` that opens one) is answered like `json_response` answers
+    /// a stateless one. The server waits for the
+    /// request's first message: a response or error goes back as
+    /// `Content-Type: application/json`; a notification or request (progress,
+    /// logging) turns the reply into the usual event stream, priming event
+    /// first, so no message is lost.
+    pub json_response_in_sessions: bool,
     /// Cancellation token for the Streamable HTTP server.
     ///
     /// When this token is cancelled, all active sessions are terminated and
@@ -340,6 +348,7 @@ impl Default for StreamableHttpServerConfig {
             sse_retry: Some(Duration::from_secs(3)),
             legacy_session_mode: true,
             json_response: false,
+            json_response_in_sessions: false,
             cancellation_token: CancellationToken::new(),
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             allowed_origins: vec![],
@@ -399,6 +408,12 @@ impl StreamableHttpServerConfig {
 
     pub fn with_json_response(mut self, json_response: bool) -> Self {
         self.json_response = json_response;
+        self
+    }
+
+    /// Cordon's patch: see [`Self::json_response_in_sessions`].
+    pub fn with_json_response_in_sessions(mut self, json_response_in_sessions: bool) -> Self {
+        self.json_response_in_sessions = json_response_in_sessions;
         self
     }
 
@@ -1635,6 +1650,44 @@ where
         ReceiverStream::new(output)
     }
 
+    /// Cordon's patch: the reply to a request in a legacy session when
+    /// `json_response_in_sessions` is on. Waits for the request's first
+    /// message, holding back priming events: a response or error is sent as
+    /// JSON (the priming events, there for resuming a stream, go unused); any
+    /// other message, the end of the stream or the server shutting down makes
+    /// the reply the event stream it would have been, from its first event.
+    async fn session_json_or_sse_response(
+        &self,
+        stream: impl Stream<Item = ServerSseMessage> + Send + Sync + 'static,
+    ) -> BoxResponse {
+        let mut stream = Box::pin(stream);
+        let cancel = self.config.cancellation_token.child_token();
+        let mut held = Vec::new();
+        loop {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                _ = cancel.cancelled() => None,
+            };
+            let Some(event) = next else { break };
+            if let Some(
+                message @ (ServerJsonRpcMessage::Response(_) | ServerJsonRpcMessage::Error(_)),
+            ) = event.message.as_deref()
+            {
+                return session_json_response(message);
+            }
+            let priming = event.message.is_none();
+            held.push(event);
+            if !priming {
+                break;
+            }
+        }
+        sse_stream_response(
+            futures::stream::iter(held).chain(stream),
+            self.config.sse_keep_alive,
+            self.config.cancellation_token.child_token(),
+        )
+    }
+
     fn stateless_sse_response(
         &self,
         first: Option<ServerJsonRpcMessage>,
@@ -2240,6 +2293,9 @@ where
                             .create_stream(&session_id, message)
                             .await
                             .map_err(internal_error_response("get session"))?;
+                        if self.config.json_response_in_sessions {
+                            return Ok(self.session_json_or_sse_response(stream).await);
+                        }
                         Ok(sse_stream_response(
                             stream,
                             self.config.sse_keep_alive,
@@ -2351,6 +2407,17 @@ where
                                 session_id
                             );
                         });
+                }
+                // Cordon's patch: see `json_response_in_sessions`.
+                if self.config.json_response_in_sessions {
+                    let mut response = session_json_response(&response);
+                    response.headers_mut().insert(
+                        HEADER_SESSION_ID,
+                        session_id
+                            .parse()
+                            .map_err(internal_error_response("create session id header"))?,
+                    );
+                    return Ok(response);
                 }
                 let stream =
                     futures::stream::once(async move { ServerSseMessage::from_message(response) });
@@ -2613,5 +2680,19 @@ impl<S: Stream> Stream for CancelOnDisconnect<S> {
             *this.ct = None;
         }
         polled
+    }
+}
+
+/// Cordon's patch: one JSON-RPC message as a whole `application/json` reply
+/// (see [`StreamableHttpServerConfig::json_response_in_sessions`]).
+fn session_json_response(message: &ServerJsonRpcMessage) -> BoxResponse {
+    tracing::trace!(?message);
+    match serde_json::to_vec(message) {
+        Ok(body) => Response::builder()
+            .status(http::StatusCode::OK)
+            .header(http::header::CONTENT_TYPE, JSON_MIME_TYPE)
+            .body(Full::new(Bytes::from(body)).boxed())
+            .expect("valid response"),
+        Err(e) => internal_error_response("serialize json response")(e),
     }
 }

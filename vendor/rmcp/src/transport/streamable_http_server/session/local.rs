@@ -601,7 +601,28 @@ impl LocalSessionWorker {
                     OutboundChannel::Common
                 }
             }
-            ServerJsonRpcMessage::Notification(_) => OutboundChannel::Common,
+            // Cordon's patch: a notification marked with the request it belongs
+            // to (a tool call's log messages) rides that request's stream while
+            // it is open, as its progress does; SEP-2260 does the same for
+            // server requests. Unmarked notifications go to the standalone stream.
+            ServerJsonRpcMessage::Notification(notification) => {
+                use crate::model::GetExtensions;
+                let originating = notification
+                    .notification
+                    .extensions()
+                    .get::<crate::service::OriginatingRequestId>()
+                    .and_then(|originating| {
+                        self.resource_router
+                            .get(&ResourceKey::McpRequestId(originating.0.clone()))
+                    });
+                match originating {
+                    Some(id) => OutboundChannel::RequestWise {
+                        id: *id,
+                        close: false,
+                    },
+                    None => OutboundChannel::Common,
+                }
+            }
             ServerJsonRpcMessage::Response(json_rpc_response) => {
                 if let Some(id) = self
                     .resource_router
