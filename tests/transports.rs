@@ -959,11 +959,52 @@ async fn session_requests_are_answered_in_json_unless_the_call_streams() {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     assert_eq!(reply.headers["content-type"], "application/json");
-    assert!(reply.headers.contains_key("mcp-session-id"));
     let initialized: Value = serde_json::from_str(&reply.body).unwrap();
     assert_eq!(initialized["result"]["protocolVersion"], "2025-11-25");
+    let id = reply.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    let reply = server
+        .send(
+            mcp_post(&server)
+                .header("mcp-session-id", &id)
+                .header("mcp-protocol-version", "2025-11-25"),
+            json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
 
-    let session = server.streamable_session().await;
+    // The session's own event stream starts with a priming event as well.
+    let (status, stream) = server
+        .get_stream(
+            "/mcp",
+            &[
+                ("mcp-session-id", &id),
+                ("mcp-protocol-version", "2025-11-25"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let mut stream = stream.unwrap();
+    let chunk = tokio::time::timeout(WAIT, stream.body.next())
+        .await
+        .expect("no priming event in time")
+        .expect("the stream ended")
+        .unwrap();
+    let priming = &sse_fields(std::str::from_utf8(&chunk).unwrap())[0];
+    assert!(
+        priming.iter().any(|(f, v)| f == "id" && !v.is_empty()),
+        "{priming:?}"
+    );
+    assert!(
+        priming
+            .iter()
+            .any(|(f, v)| f == "retry" && v.parse::<u64>().is_ok()),
+        "{priming:?}"
+    );
+    let session = StreamableSession {
+        server: &server,
+        id,
+        _stream: Some(stream),
+    };
 
     let plain = [
         ("ping", json!({})),
