@@ -951,6 +951,25 @@ fn sse_fields(body: &str) -> Vec<Vec<(String, String)>> {
         .collect()
 }
 
+/// A priming event (SEP-1699): an event id to resume from, the reconnection
+/// delay, and no data.
+fn assert_priming(fields: &[(String, String)]) {
+    assert!(
+        fields.iter().any(|(f, v)| f == "id" && !v.is_empty()),
+        "{fields:?}"
+    );
+    assert!(
+        fields
+            .iter()
+            .any(|(f, v)| f == "retry" && v.parse::<u64>().is_ok()),
+        "{fields:?}"
+    );
+    assert!(
+        fields.iter().all(|(f, v)| f != "data" || v.is_empty()),
+        "{fields:?}"
+    );
+}
+
 #[tokio::test]
 async fn session_requests_are_answered_in_json_unless_the_call_streams() {
     let server = start(&["conformance"], "", false).await;
@@ -989,17 +1008,7 @@ async fn session_requests_are_answered_in_json_unless_the_call_streams() {
         .expect("no priming event in time")
         .expect("the stream ended")
         .unwrap();
-    let priming = &sse_fields(std::str::from_utf8(&chunk).unwrap())[0];
-    assert!(
-        priming.iter().any(|(f, v)| f == "id" && !v.is_empty()),
-        "{priming:?}"
-    );
-    assert!(
-        priming
-            .iter()
-            .any(|(f, v)| f == "retry" && v.parse::<u64>().is_ok()),
-        "{priming:?}"
-    );
+    assert_priming(&sse_fields(std::str::from_utf8(&chunk).unwrap())[0]);
     let session = StreamableSession {
         server: &server,
         id,
@@ -1037,9 +1046,8 @@ async fn session_requests_are_answered_in_json_unless_the_call_streams() {
         }
     }
 
-    // A call that reports progress: an event stream, priming event first
-    // (an event id to resume from, the reconnection delay, no data), then the
-    // progress, then the result.
+    // A call that reports progress: an event stream, priming event first,
+    // then the progress, then the result.
     let reply = session
         .post(json!({
             "jsonrpc": "2.0", "id": 8, "method": "tools/call",
@@ -1056,21 +1064,7 @@ async fn session_requests_are_answered_in_json_unless_the_call_streams() {
         reply.headers
     );
     let events = sse_fields(&reply.body);
-    let priming = &events[0];
-    assert!(
-        priming.iter().any(|(f, v)| f == "id" && !v.is_empty()),
-        "{priming:?}"
-    );
-    assert!(
-        priming
-            .iter()
-            .any(|(f, v)| f == "retry" && v.parse::<u64>().is_ok()),
-        "{priming:?}"
-    );
-    assert!(
-        priming.iter().all(|(f, v)| f != "data" || v.is_empty()),
-        "{priming:?}"
-    );
+    assert_priming(&events[0]);
     let messages: Vec<Value> = events[1..]
         .iter()
         .filter_map(|fields| fields.iter().find(|(f, _)| f == "data"))

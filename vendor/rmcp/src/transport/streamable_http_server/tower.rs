@@ -236,11 +236,10 @@ pub struct StreamableHttpServerConfig {
     pub json_response: bool,
     /// Cordon's patch: when true, a request in a legacy session (and the
     /// `initialize` that opens one) is answered like `json_response` answers
-    /// a stateless one. The server waits for the
-    /// request's first message: a response or error goes back as
-    /// `Content-Type: application/json`; a notification or request (progress,
-    /// logging) turns the reply into the usual event stream, priming event
-    /// first, so no message is lost.
+    /// a stateless one. The server waits for the request's first message: a
+    /// response or error goes back as `Content-Type: application/json`; a
+    /// notification or request (progress, logging) turns the reply into the
+    /// usual event stream, priming event first, so no message is lost.
     pub json_response_in_sessions: bool,
     /// Cancellation token for the Streamable HTTP server.
     ///
