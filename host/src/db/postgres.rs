@@ -326,7 +326,13 @@ fn classify(e: tokio_postgres::Error, limits: &DbLimits) -> DbError {
     };
     let message = db.message().to_owned();
     let code = db.code();
-    if *code == SqlState::QUERY_CANCELED {
+    // "current transaction is aborted" can only follow an error this query
+    // never saw: every statement's own error is read, and a guest cannot
+    // run transaction control. The one error that goes unseen is a
+    // statement timeout that fires just after a batch was sent (tokio-postgres
+    // stops reading a portal's reply at `PortalSuspended`), so the next batch
+    // finds the transaction aborted: that is the timeout.
+    if *code == SqlState::QUERY_CANCELED || *code == SqlState::IN_FAILED_SQL_TRANSACTION {
         DbError::timeout(limits)
     } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION
         || *code == SqlState::INSUFFICIENT_PRIVILEGE
