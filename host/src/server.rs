@@ -136,9 +136,11 @@ pub fn streamable_http_settings(
         .with_legacy_session_mode(true)
         .with_json_response(true)
         // A request in a session is answered in JSON too, and as an event
-        // stream only once the call sends progress or log messages. rmcp
-        // answers session requests only as event streams: this setting comes
-        // from Cordon's patch of the vendored copy (vendor/README.md).
+        // stream only once the call sends progress or log messages, or runs
+        // longer than the keep-alive interval (its comments then reach
+        // proxies). rmcp answers session requests only as event streams: this
+        // setting comes from Cordon's patch of the vendored copy
+        // (vendor/README.md).
         .with_json_response_in_sessions(true)
         .with_cancellation_token(shutdown.child_token())
         .with_max_request_body_bytes(config.max_body_bytes)

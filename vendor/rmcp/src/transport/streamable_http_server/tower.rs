@@ -1655,17 +1655,27 @@ where
     /// JSON (the priming events, there for resuming a stream, go unused); any
     /// other message, the end of the stream or the server shutting down makes
     /// the reply the event stream it would have been, from its first event.
+    /// So does a request still unanswered after `sse_keep_alive`: its stream's
+    /// keep-alive comments then keep proxies from cutting a long call.
     async fn session_json_or_sse_response(
         &self,
         stream: impl Stream<Item = ServerSseMessage> + Send + Sync + 'static,
     ) -> BoxResponse {
         let mut stream = Box::pin(stream);
         let cancel = self.config.cancellation_token.child_token();
+        let patience = async {
+            match self.config.sse_keep_alive {
+                Some(interval) => tokio::time::sleep(interval).await,
+                None => std::future::pending().await,
+            }
+        };
+        let mut patience = std::pin::pin!(patience);
         let mut held = Vec::new();
         loop {
             let next = tokio::select! {
                 next = stream.next() => next,
                 _ = cancel.cancelled() => None,
+                () = &mut patience => None,
             };
             let Some(event) = next else { break };
             if let Some(
