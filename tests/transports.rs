@@ -1110,35 +1110,41 @@ async fn session_requests_are_answered_in_json_unless_the_call_streams() {
 }
 
 #[tokio::test]
-async fn a_long_session_call_is_answered_as_a_stream_with_keep_alives() {
+async fn a_long_call_is_answered_as_a_stream_with_keep_alives() {
     let server = start(&["conformance"], "[server]\nkeep_alive_secs = 1\n", false).await;
     let session = server.streamable_session().await;
     // No progress token, no log level: only its length makes this call a
     // stream, so that proxies see bytes while it runs.
-    let reply = session
-        .post(json!({
-            "jsonrpc": "2.0", "id": 5, "method": "tools/call",
-            "params": {"name": "sleep_ms", "arguments": {"ms": 2500}}
-        }))
+    let call = json!({"name": "sleep_ms", "arguments": {"ms": 2500}});
+    let in_session = session
+        .post(json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": call}))
         .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-    assert!(
-        reply.headers["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream"),
-        "{:?}",
-        reply.headers
-    );
-    let events = sse_fields(&reply.body);
-    assert_priming(&events[0]);
-    assert!(
-        reply.body.lines().any(|line| line.starts_with(':')),
-        "no keep-alive comment: {}",
-        reply.body
-    );
-    assert_eq!(reply.json()["id"], 5, "{}", reply.body);
-    assert!(reply.json()["result"].is_object(), "{}", reply.body);
+    let stateless = server
+        .send(
+            stateless(&server, "tools/call", Some("sleep_ms")),
+            stateless_body(5, "tools/call", call),
+        )
+        .await;
+    for (mode, reply) in [("session", &in_session), ("stateless", &stateless)] {
+        assert_eq!(reply.status, StatusCode::OK, "{mode}: {}", reply.body);
+        assert!(
+            reply.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/event-stream"),
+            "{mode}: {:?}",
+            reply.headers
+        );
+        assert!(
+            reply.body.lines().any(|line| line.starts_with(':')),
+            "{mode}: no keep-alive comment: {}",
+            reply.body
+        );
+        assert_eq!(reply.json()["id"], 5, "{mode}: {}", reply.body);
+        assert!(reply.json()["result"].is_object(), "{mode}: {}", reply.body);
+    }
+    // A session's reply stream starts with a priming event, as every one does.
+    assert_priming(&sse_fields(&in_session.body)[0]);
 }
 
 // ---------------------------------------------------------------------------

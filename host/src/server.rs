@@ -136,12 +136,14 @@ pub fn streamable_http_settings(
         .with_legacy_session_mode(true)
         .with_json_response(true)
         // A request in a session is answered in JSON too, and as an event
-        // stream only once the call sends progress or log messages, or runs
-        // longer than the keep-alive interval (its comments then reach
-        // proxies). rmcp answers session requests only as event streams: this
-        // setting comes from Cordon's patch of the vendored copy
-        // (vendor/README.md).
+        // stream only once the call sends progress or log messages. rmcp
+        // answers session requests only as event streams.
         .with_json_response_in_sessions(true)
+        // A call still silent after the keep-alive interval is answered as an
+        // event stream, whose keep-alive comments keep proxies from cutting
+        // it. These two settings come from Cordon's patch of the vendored
+        // rmcp (vendor/README.md).
+        .with_stream_after_keep_alive(true)
         .with_cancellation_token(shutdown.child_token())
         .with_max_request_body_bytes(config.max_body_bytes)
         .with_allowed_hosts(config.allowed_hosts.clone())

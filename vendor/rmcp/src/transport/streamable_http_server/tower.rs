@@ -241,6 +241,13 @@ pub struct StreamableHttpServerConfig {
     /// notification or request (progress, logging) turns the reply into the
     /// usual event stream, priming event first, so no message is lost.
     pub json_response_in_sessions: bool,
+    /// Cordon's patch: when true, a request on its way to a JSON reply (a
+    /// stateless one with `json_response`, or one in a session with
+    /// `json_response_in_sessions`) that has produced no message after
+    /// `sse_keep_alive` is answered as an event stream instead, so that the
+    /// stream's keep-alive comments reach proxies that would cut a silent
+    /// reply.
+    pub stream_after_keep_alive: bool,
     /// Cancellation token for the Streamable HTTP server.
     ///
     /// When this token is cancelled, all active sessions are terminated and
@@ -348,6 +355,7 @@ impl Default for StreamableHttpServerConfig {
             legacy_session_mode: true,
             json_response: false,
             json_response_in_sessions: false,
+            stream_after_keep_alive: false,
             cancellation_token: CancellationToken::new(),
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             allowed_origins: vec![],
@@ -414,6 +422,19 @@ impl StreamableHttpServerConfig {
     pub fn with_json_response_in_sessions(mut self, json_response_in_sessions: bool) -> Self {
         self.json_response_in_sessions = json_response_in_sessions;
         self
+    }
+
+    /// Cordon's patch: see [`Self::stream_after_keep_alive`].
+    pub fn with_stream_after_keep_alive(mut self, stream_after_keep_alive: bool) -> Self {
+        self.stream_after_keep_alive = stream_after_keep_alive;
+        self
+    }
+
+    /// Cordon's patch: how long a reply headed for JSON may stay silent
+    /// before it becomes an event stream (see
+    /// [`Self::stream_after_keep_alive`]); `None`: as long as it takes.
+    fn json_patience(&self) -> Option<Duration> {
+        self.sse_keep_alive.filter(|_| self.stream_after_keep_alive)
     }
 
     pub fn with_cancellation_token(mut self, token: CancellationToken) -> Self {
@@ -1655,21 +1676,15 @@ where
     /// JSON (the priming events, there for resuming a stream, go unused); any
     /// other message, the end of the stream or the server shutting down makes
     /// the reply the event stream it would have been, from its first event.
-    /// So does a request still unanswered after `sse_keep_alive`: its stream's
-    /// keep-alive comments then keep proxies from cutting a long call.
+    /// So does a request still unanswered after `sse_keep_alive` when
+    /// `stream_after_keep_alive` is on.
     async fn session_json_or_sse_response(
         &self,
         stream: impl Stream<Item = ServerSseMessage> + Send + Sync + 'static,
     ) -> BoxResponse {
         let mut stream = Box::pin(stream);
         let cancel = self.config.cancellation_token.child_token();
-        let patience = async {
-            match self.config.sse_keep_alive {
-                Some(interval) => tokio::time::sleep(interval).await,
-                None => std::future::pending().await,
-            }
-        };
-        let mut patience = std::pin::pin!(patience);
+        let mut patience = std::pin::pin!(keep_alive_patience(self.config.json_patience()));
         let mut held = Vec::new();
         loop {
             let next = tokio::select! {
@@ -1769,6 +1784,13 @@ where
                 message
             }
             _ = cancel.cancelled() => None,
+            // Cordon's patch: see `stream_after_keep_alive`.
+            () = keep_alive_patience(self.config.json_patience()) => {
+                if let Some(guard) = disconnect_guard.take() {
+                    guard.disarm();
+                }
+                return Ok(self.stateless_sse_response(None, receiver, request_ct));
+            }
         }
         .ok_or_else(|| {
             internal_error_response("empty response")(std::io::Error::new(
@@ -2703,5 +2725,13 @@ fn session_json_response(message: &ServerJsonRpcMessage) -> BoxResponse {
             .body(Full::new(Bytes::from(body)).boxed())
             .expect("valid response"),
         Err(e) => internal_error_response("serialize json response")(e),
+    }
+}
+
+/// Cordon's patch: completes after `patience`, or never.
+async fn keep_alive_patience(patience: Option<Duration>) {
+    match patience {
+        Some(interval) => tokio::time::sleep(interval).await,
+        None => std::future::pending().await,
     }
 }
