@@ -173,17 +173,20 @@ impl Http {
         session
     }
 
-    /// Opens a Streamable HTTP session, initializes it and opens its
-    /// `GET /mcp` event stream.
+    /// Opens a Streamable HTTP session, initializes it (the `initialize`
+    /// reply is JSON) and opens its `GET /mcp` event stream.
     async fn streamable_session(&self) -> StreamableSession<'_> {
         const VERSION: &str = "2025-11-25";
         let reply = self.send(mcp_post(self), initialize_body(VERSION)).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(reply.headers["content-type"], "application/json");
+        let initialized: Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!(initialized["result"]["protocolVersion"], VERSION);
         let id = reply.headers["mcp-session-id"].to_str().unwrap().to_owned();
         let session = StreamableSession {
             server: self,
             id,
-            _stream: None,
+            events: None,
         };
         let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
         let reply = session.post(initialized).await;
@@ -199,7 +202,7 @@ impl Http {
             .await;
         assert_eq!(status, StatusCode::OK);
         StreamableSession {
-            _stream: stream,
+            events: stream,
             ..session
         }
     }
@@ -209,8 +212,9 @@ impl Http {
 struct StreamableSession<'a> {
     server: &'a Http,
     id: String,
-    /// Held open: the server keeps the session's notification stream.
-    _stream: Option<EventStream>,
+    /// The session's notification stream, held open (the server keeps it
+    /// while it is).
+    events: Option<EventStream>,
 }
 
 impl StreamableSession<'_> {
@@ -973,47 +977,17 @@ fn assert_priming(fields: &[(String, String)]) {
 #[tokio::test]
 async fn session_requests_are_answered_in_json_unless_the_call_streams() {
     let server = start(&["conformance"], "", false).await;
-    let reply = server
-        .send(mcp_post(&server), initialize_body("2025-11-25"))
-        .await;
-    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-    assert_eq!(reply.headers["content-type"], "application/json");
-    let initialized: Value = serde_json::from_str(&reply.body).unwrap();
-    assert_eq!(initialized["result"]["protocolVersion"], "2025-11-25");
-    let id = reply.headers["mcp-session-id"].to_str().unwrap().to_owned();
-    let reply = server
-        .send(
-            mcp_post(&server)
-                .header("mcp-session-id", &id)
-                .header("mcp-protocol-version", "2025-11-25"),
-            json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string(),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    // `streamable_session` checks that the `initialize` reply is JSON.
+    let mut session = server.streamable_session().await;
 
     // The session's own event stream starts with a priming event as well.
-    let (status, stream) = server
-        .get_stream(
-            "/mcp",
-            &[
-                ("mcp-session-id", &id),
-                ("mcp-protocol-version", "2025-11-25"),
-            ],
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    let mut stream = stream.unwrap();
-    let chunk = tokio::time::timeout(WAIT, stream.body.next())
+    let events = session.events.as_mut().expect("the GET stream");
+    let chunk = tokio::time::timeout(WAIT, events.body.next())
         .await
         .expect("no priming event in time")
         .expect("the stream ended")
         .unwrap();
     assert_priming(&sse_fields(std::str::from_utf8(&chunk).unwrap())[0]);
-    let session = StreamableSession {
-        server: &server,
-        id,
-        _stream: Some(stream),
-    };
 
     let plain = [
         ("ping", json!({})),
