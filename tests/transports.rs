@@ -955,6 +955,16 @@ fn sse_fields(body: &str) -> Vec<Vec<(String, String)>> {
         .collect()
 }
 
+/// `reply` is an event stream (`what` names it in a failure).
+fn assert_event_stream(reply: &Reply, what: &str) {
+    let content_type = reply.headers["content-type"].to_str().unwrap();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{what}: {content_type}: {}",
+        reply.body
+    );
+}
+
 /// A priming event (SEP-1699): an event id to resume from, the reconnection
 /// delay, and no data.
 fn assert_priming(fields: &[(String, String)]) {
@@ -1029,14 +1039,7 @@ async fn session_requests_are_answered_in_json_unless_the_call_streams() {
         }))
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
-    assert!(
-        reply.headers["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream"),
-        "{:?}",
-        reply.headers
-    );
+    assert_event_stream(&reply, "progress");
     let events = sse_fields(&reply.body);
     assert_priming(&events[0]);
     let messages: Vec<Value> = events[1..]
@@ -1101,14 +1104,7 @@ async fn a_long_call_is_answered_as_a_stream_with_keep_alives() {
         .await;
     for (mode, reply) in [("session", &in_session), ("stateless", &stateless)] {
         assert_eq!(reply.status, StatusCode::OK, "{mode}: {}", reply.body);
-        assert!(
-            reply.headers["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with("text/event-stream"),
-            "{mode}: {:?}",
-            reply.headers
-        );
+        assert_event_stream(reply, mode);
         assert!(
             reply.body.lines().any(|line| line.starts_with(':')),
             "{mode}: no keep-alive comment: {}",
