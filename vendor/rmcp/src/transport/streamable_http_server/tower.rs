@@ -988,11 +988,11 @@ mod standard_header_init_tests {
 }
 
 fn jsonrpc_message_response(
-    message: ServerJsonRpcMessage,
+    message: &ServerJsonRpcMessage,
     status: http::StatusCode,
 ) -> HttpResult<BoxResponse> {
     let body =
-        serde_json::to_vec(&message).map_err(internal_error_response("serialize json response"))?;
+        serde_json::to_vec(message).map_err(internal_error_response("serialize json response"))?;
     Ok(Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, JSON_MIME_TYPE)
@@ -1697,7 +1697,8 @@ where
                 message @ (ServerJsonRpcMessage::Response(_) | ServerJsonRpcMessage::Error(_)),
             ) = event.message.as_deref()
             {
-                return session_json_response(message);
+                return jsonrpc_message_response(message, http::StatusCode::OK)
+                    .unwrap_or_else(ErrorResponse::into_response);
             }
             let priming = event.message.is_none();
             held.push(event);
@@ -1812,7 +1813,7 @@ where
             // permit, leaving the serve loop parked forever. A no-op when the
             // handler already completed.
             request_ct.cancel();
-            return jsonrpc_message_response(first, status);
+            return jsonrpc_message_response(&first, status);
         }
 
         Ok(self.stateless_sse_response(Some(first), receiver, request_ct))
@@ -2441,7 +2442,7 @@ where
                 }
                 // Cordon's patch: see `json_response_in_sessions`.
                 if self.config.json_response_in_sessions {
-                    let mut response = session_json_response(&response);
+                    let mut response = jsonrpc_message_response(&response, http::StatusCode::OK)?;
                     response.headers_mut().insert(
                         HEADER_SESSION_ID,
                         session_id
@@ -2711,20 +2712,6 @@ impl<S: Stream> Stream for CancelOnDisconnect<S> {
             *this.ct = None;
         }
         polled
-    }
-}
-
-/// Cordon's patch: one JSON-RPC message as a whole `application/json` reply
-/// (see [`StreamableHttpServerConfig::json_response_in_sessions`]).
-fn session_json_response(message: &ServerJsonRpcMessage) -> BoxResponse {
-    tracing::trace!(?message);
-    match serde_json::to_vec(message) {
-        Ok(body) => Response::builder()
-            .status(http::StatusCode::OK)
-            .header(http::header::CONTENT_TYPE, JSON_MIME_TYPE)
-            .body(Full::new(Bytes::from(body)).boxed())
-            .expect("valid response"),
-        Err(e) => internal_error_response("serialize json response")(e),
     }
 }
 
