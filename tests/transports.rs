@@ -270,13 +270,12 @@ impl EventStream {
                 let mut event = String::from("message");
                 let mut data = Vec::new();
                 let mut comment = None;
-                for line in block.lines() {
-                    if let Some(c) = line.strip_prefix(':') {
-                        comment = Some(c.trim().to_owned());
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        event = v.trim_start().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
+                for (field, value) in sse_block_fields(&block) {
+                    match field.as_str() {
+                        "" => comment = Some(value.trim().to_owned()),
+                        "event" => event = value,
+                        "data" => data.push(value),
+                        _ => {}
                     }
                 }
                 if data.is_empty() {
@@ -934,22 +933,30 @@ async fn streamable_http_sessions_open_fail_and_close() {
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "DELETE again");
 }
 
+/// The fields of one event-stream block, in order, as (name, value). A
+/// comment line (`: text`) is a field with an empty name.
+fn sse_block_fields(block: &str) -> Vec<(String, String)> {
+    block
+        .lines()
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            (
+                field.to_owned(),
+                value.strip_prefix(' ').unwrap_or(value).to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// The events of a whole `text/event-stream` body, each as its fields in
 /// order (comments left out).
 fn sse_fields(body: &str) -> Vec<Vec<(String, String)>> {
     body.split("\n\n")
         .map(|block| {
-            block
-                .lines()
-                .filter(|line| !line.starts_with(':'))
-                .map(|line| {
-                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
-                    (
-                        field.to_owned(),
-                        value.strip_prefix(' ').unwrap_or(value).to_owned(),
-                    )
-                })
-                .collect::<Vec<_>>()
+            let mut fields = sse_block_fields(block);
+            fields.retain(|(field, _)| !field.is_empty());
+            fields
         })
         .filter(|fields| !fields.is_empty())
         .collect()
