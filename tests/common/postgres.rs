@@ -87,11 +87,12 @@ impl Postgres {
             ],
         );
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
+             -c log_min_duration_statement=1000 -c log_lock_waits=on",
             pg.port,
             sockets.display()
         );
-        let log = pg.dir.path().join("server.log");
+        let log = pg.log_path();
         pg.run(
             "pg_ctl",
             &[
@@ -135,14 +136,18 @@ impl Postgres {
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
         if !out.status.success() {
-            let log =
-                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
             panic!(
                 "{tool} failed: {}\n{}\nserver log:\n{log}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+
+    /// The server's log: errors, statements slower than 1 s, lock waits.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
     }
 
     /// The directory holding the unix socket (superuser access, trust).

@@ -327,11 +327,13 @@ fn classify(e: tokio_postgres::Error, limits: &DbLimits) -> DbError {
     let message = db.message().to_owned();
     let code = db.code();
     // "current transaction is aborted" can only follow an error this query
-    // never saw: every statement's own error is read, and a guest cannot
-    // run transaction control. The one error that goes unseen is a
-    // statement timeout that fires just after a batch was sent (tokio-postgres
-    // stops reading a portal's reply at `PortalSuspended`), so the next batch
-    // finds the transaction aborted: that is the timeout.
+    // never saw: every reply is read up to its `ReadyForQuery`, and a guest
+    // cannot run transaction control. PostgreSQL leaves one error unsent: a
+    // statement timeout that expires as a batch ends (after `PortalSuspended`,
+    // before the `Sync` stops the timer) aborts the transaction, and only the
+    // next batch learns of it, as this error. Seen with PostgreSQL 15 in a
+    // loop of batched fetches whose timeout is close to a batch's time (about
+    // 1 in 130); that is the timeout.
     if *code == SqlState::QUERY_CANCELED || *code == SqlState::IN_FAILED_SQL_TRANSACTION {
         DbError::timeout(limits)
     } else if *code == SqlState::READ_ONLY_SQL_TRANSACTION
