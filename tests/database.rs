@@ -1092,8 +1092,8 @@ async fn a_huge_postgres_result_is_cut_at_the_limit() {
     let pg = Postgres::shared();
     let sandbox = pg_sandbox(&pg, "huge", "").await;
     // A billion rows: the portal fetches batches until the row limit (1000),
-    // so this neither runs to the end (which would outlast the handle's 30 s)
-    // nor fills memory.
+    // so this neither runs to the end (which would outlast the call's 10 s
+    // time limit) nor fills memory.
     let rows = one(
         &sandbox,
         "acme",
