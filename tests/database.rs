@@ -803,6 +803,22 @@ async fn pg_locks(pg: &Postgres, database: &str) -> i64 {
         .get(0)
 }
 
+/// Cordon's connections to `database` that are still busy (running, or in
+/// a transaction left open) with a statement that contains `query_part`.
+async fn pg_busy(pg: &Postgres, database: &str, query_part: &str) -> i64 {
+    let client = pg.superuser(database).await;
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = 'cordon' AND state <> 'idle'
+               AND strpos(query, $2) > 0",
+            &[&database, &query_part],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test]
 async fn postgres_reads_with_typed_parameters_and_columns() {
     let pg = Postgres::shared();
@@ -1060,16 +1076,7 @@ async fn a_long_postgres_query_is_stopped_at_its_deadline_and_the_handle_still_w
     );
     assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
     // The server is not still sleeping on our behalf.
-    let client = pg.superuser("deadline").await;
-    let running: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'deadline' AND query LIKE '%pg_sleep%' AND state = 'active' AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(running, 0);
+    assert_eq!(pg_busy(&pg, "deadline", "pg_sleep").await, 0);
     // A guest cannot lift its own deadline.
     let (kind, _) = one(
         &sandbox,
@@ -1108,17 +1115,7 @@ async fn a_huge_postgres_result_is_cut_at_the_limit() {
     assert_eq!(rows["rows"].as_array().unwrap().len(), 1000);
     assert_eq!(rows["truncated"], json!(true));
     // The query was stopped, not left running (or open) on the server.
-    let client = pg.superuser("huge").await;
-    let running: i64 = client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'huge' \
-             AND query LIKE '%generate_series%' AND state <> 'idle' AND pid <> pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(running, 0);
+    assert_eq!(pg_busy(&pg, "huge", "generate_series").await, 0);
     let rows = one(
         &sandbox,
         "acme",
@@ -1231,19 +1228,9 @@ async fn a_postgres_query_outliving_its_call_is_cancelled_on_the_server() {
     );
     assert!(started.elapsed() < Duration::from_secs(2));
     // The host sent a cancel request: the server stops sleeping for nobody.
-    let client = pg.superuser("abandoned").await;
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let running: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'abandoned' \
-                 AND query LIKE '%pg_sleep(20)%' AND state = 'active' AND pid <> pg_backend_pid()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if running == 0 {
+        if pg_busy(&pg, "abandoned", "pg_sleep(20)").await == 0 {
             break;
         }
         assert!(Instant::now() < deadline, "the abandoned query still runs");
