@@ -423,6 +423,32 @@ async fn the_log_of_a_full_run_holds_no_token_or_secret() {
         "/mcp?access_token=query-token-value",
     )
     .await;
+    // Arguments that fail the input schema: the error names the place and
+    // the problem, not the value.
+    let invalid = call_as(
+        &server,
+        &editor,
+        "text_stats",
+        json!({"text": {"password": secret_text}}),
+    )
+    .await;
+    assert_eq!(invalid.json()["error"]["code"], -32602, "{}", invalid.body);
+    assert!(!invalid.body.contains(secret_text), "{}", invalid.body);
+    // A tool name no tool can have is cut before the log and the record.
+    let long_name = format!("{}-name-marker-0815", "a".repeat(200));
+    let unknown = call_as(&server, &editor, &long_name, json!({})).await;
+    assert!(unknown.json()["error"].is_object(), "{}", unknown.body);
+    // What a client says about itself when it opens a session.
+    let mut initialize: serde_json::Value =
+        serde_json::from_str(&common::http::initialize_body("2025-11-25")).unwrap();
+    initialize["params"]["clientInfo"]["name"] = json!("client-info-marker-4712");
+    let opened = server
+        .send(
+            common::http::mcp_post(&server).header("authorization", format!("Bearer {editor}")),
+            initialize.to_string(),
+        )
+        .await;
+    assert_eq!(opened.status, StatusCode::OK, "{}", opened.body);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = process.log();
     assert!(log.len() > 1000, "trace logging is on: {log}");
@@ -433,6 +459,8 @@ async fn the_log_of_a_full_run_holds_no_token_or_secret() {
         "wrong-token-value-123",
         "query-token-value",
         secret_text,
+        "name-marker-0815",
+        "client-info-marker-4712",
     ] {
         let leak: Vec<&str> = log.lines().filter(|l| l.contains(secret)).collect();
         assert!(leak.is_empty(), "the log holds {secret:?}: {leak:#?}");

@@ -265,8 +265,14 @@ impl Dispatcher {
     }
 
     /// Runs one call for `principal`, and records it.
-    pub async fn call(&self, principal: &Principal, request: CallRequest) -> CallOutcome {
+    pub async fn call(&self, principal: &Principal, mut request: CallRequest) -> CallOutcome {
         let call_id = self.next_call_id.fetch_add(1, Ordering::Relaxed);
+        if !crate::runtime::valid_tool_name(&request.tool) {
+            // No loaded tool has such a name, so the call fails as unknown
+            // whatever it says; what it says is bounded and escaped before it
+            // reaches the log, the audit record and the error message.
+            request.tool = printable_tool_name(&request.tool);
+        }
         let span = tracing::info_span!(
             "tool_call",
             call_id,
@@ -546,6 +552,19 @@ pub mod native {
             f.debug_set().entries(self.0.keys()).finish()
         }
     }
+}
+
+/// A requested tool name that is no valid tool name, as the log and the
+/// audit record show it: control characters and quotes escaped, at most 64
+/// characters, marked when cut.
+fn printable_tool_name(name: &str) -> String {
+    const SHOWN: usize = 64;
+    let mut escaped = name.chars().flat_map(char::escape_debug);
+    let mut shown: String = escaped.by_ref().take(SHOWN).collect();
+    if escaped.next().is_some() {
+        shown.push_str("…[truncated]");
+    }
+    shown
 }
 
 fn json_kind(value: &serde_json::Value) -> &'static str {

@@ -163,7 +163,28 @@ pub async fn answer_unparsable(
                 .into(),
         }
         .into_response(),
-        Ok(_) => response,
+        // One message that reads as JSON but not as rmcp reads it: a key
+        // given twice (a JSON value keeps the last, rmcp refuses), or a shape
+        // only rmcp's own types reject.
+        Ok(_) => unreadable_message(&body).into_response(),
+    }
+}
+
+/// Why rmcp cannot read a message that parses as JSON, with its id when
+/// the body has a usable one.
+fn unreadable_message(body: &[u8]) -> InvalidMessage {
+    let id = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|value| value.get("id").cloned())
+        .filter(|id| id.is_string() || id.is_number());
+    let reason = match serde_json::from_slice::<ClientJsonRpcMessage>(body) {
+        Err(e) => e.to_string(),
+        Ok(_) => "the server cannot read it".into(),
+    };
+    InvalidMessage {
+        id,
+        code: INVALID_REQUEST,
+        message: format!("Invalid Request: not one unambiguous JSON-RPC message: {reason}"),
     }
 }
 
@@ -200,6 +221,17 @@ mod tests {
         // An id that is neither a string nor a number is not echoed.
         let e = refused(r#"{"jsonrpc":"2.0","id":{"x":1}}"#);
         assert_eq!((e.code, e.id), (INVALID_REQUEST, None));
+    }
+
+    #[test]
+    fn a_message_rmcp_cannot_read_is_an_invalid_request() {
+        let twice = br#"{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/list"}"#;
+        // A JSON value keeps the last key, so the body parses here ...
+        assert!(parse_messages(twice).is_ok());
+        // ... but rmcp refuses it, and the reply says so with the id.
+        let e = unreadable_message(twice);
+        assert_eq!((e.code, e.id), (INVALID_REQUEST, Some(json!(1))));
+        assert!(e.message.starts_with("Invalid Request"), "{}", e.message);
     }
 
     #[test]

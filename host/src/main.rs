@@ -20,9 +20,12 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "human")]
     log_format: LogFormat,
-    /// Let the MCP library log whole protocol messages (tool arguments and
-    /// results included) at debug/trace level. Off: it is capped at info
-    /// whatever RUST_LOG says, so arguments never reach the log.
+    /// Let the MCP library log what clients send: whole protocol messages
+    /// (tool arguments and results included) at debug/trace level, and its
+    /// per-connection lines (client info, notifications, error replies,
+    /// disconnects). Off: its message loop does not log at all and the rest
+    /// of it is capped at info, whatever RUST_LOG says, so arguments and
+    /// other client-chosen text never reach the log.
     #[arg(long, global = true, env = "CORDON_LOG_PROTOCOL")]
     log_protocol: bool,
     #[command(subcommand)]
@@ -270,7 +273,12 @@ fn init_logging(
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if !log_protocol {
         // rmcp logs every message it receives at debug (arguments and all).
-        for directive in ["rmcp=info", "rmcp::service=info"] {
+        // Its message loop (`rmcp::service`) also logs, at info to error,
+        // the client's `clientInfo`, notification params, cancellation
+        // reasons and error replies, unbounded; and an error line for every
+        // client that goes away mid-request. Cordon's own log and the audit
+        // record cover calls, so that loop is off.
+        for directive in ["rmcp=info", "rmcp::service=off"] {
             if let Ok(directive) = directive.parse() {
                 filter = filter.add_directive(directive);
             }

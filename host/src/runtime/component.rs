@@ -84,13 +84,29 @@ impl ToolInfo {
     }
 }
 
+/// Where the value is and what is wrong with it, without the value itself:
+/// it may be a secret, and rmcp, the audit record or a client's own log may
+/// keep the message. Bounded, since the path holds the caller's keys.
 fn describe_validation_error(e: &jsonschema::ValidationError<'_>) -> String {
     let path = e.instance_path.to_string();
-    if path.is_empty() {
-        e.to_string()
+    let problem = e.masked();
+    let message = if path.is_empty() {
+        problem.to_string()
     } else {
-        format!("{path}: {e}")
-    }
+        format!("{path}: {problem}")
+    };
+    super::output::cut_to(message, MAX_PROBLEM_BYTES)
+}
+
+/// The most of one schema problem a message carries.
+const MAX_PROBLEM_BYTES: usize = 256;
+
+/// Tool names: what MCP clients accept everywhere.
+pub fn valid_tool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// A loaded tool component, shared by every call of its tools. Calls hold an
@@ -149,14 +165,6 @@ impl std::fmt::Debug for ToolComponent {
             .field("sha256", &self.sha256)
             .finish_non_exhaustive()
     }
-}
-
-/// Tool names: what MCP clients accept everywhere.
-fn valid_tool_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 impl ToolComponent {

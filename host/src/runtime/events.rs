@@ -152,16 +152,8 @@ impl EventSink {
     }
 }
 
-fn truncate(mut s: String) -> String {
-    if s.len() > MAX_EVENT_BYTES {
-        let mut cut = MAX_EVENT_BYTES;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push_str("…[truncated]");
-    }
-    s
+fn truncate(s: String) -> String {
+    super::output::cut_to(s, MAX_EVENT_BYTES)
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 
 pub use cache::{CacheStatus, CompileCache};
-pub use component::{LoadError, ToolComponent, ToolInfo};
+pub use component::{LoadError, ToolComponent, ToolInfo, valid_tool_name};
 pub use events::{CallEvent, EventSink, LogLevel};
 pub use grants::{DirGrant, DirMode, Grants};
 pub use idle::use_idle_time;

@@ -8,6 +8,21 @@ use rmcp::model::{CallToolResult, ContentBlock, ResourceContents};
 
 use super::bindings::types;
 
+/// `s` cut to at most `max_bytes` (on a character boundary), marked when
+/// cut: text a caller or a guest chose, bounded before it reaches a reply,
+/// the log or the audit record.
+pub(crate) fn cut_to(mut s: String, max_bytes: usize) -> String {
+    if s.len() > max_bytes {
+        let mut cut = max_bytes;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("…[truncated]");
+    }
+    s
+}
+
 /// Why a call produced no tool result. Each variant is something the caller
 /// can act on; none of them leaves the host or the next call affected.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
