@@ -572,6 +572,95 @@ async fn the_admin_surface_is_for_the_admin_role_only() {
 }
 
 #[tokio::test]
+async fn foreign_hosts_and_origins_are_refused_everywhere_but_the_probes() {
+    let setup = Setup::new("");
+    let served = setup.serve();
+    let server = &served.http;
+    let admin = token("ops", &["admin"]);
+    let as_admin = |method: Method, path: &str| {
+        server
+            .request(method, path)
+            .header("authorization", format!("Bearer {admin}"))
+    };
+    let routes = [
+        (Method::GET, "/admin/tenants"),
+        (Method::GET, "/admin/audit/tail"),
+        (Method::POST, "/admin/reload"),
+        (Method::GET, "/metrics"),
+        (Method::GET, "/.well-known/oauth-protected-resource/mcp"),
+    ];
+    for (method, path) in &routes {
+        let reply = server.send(as_admin(method.clone(), path), "").await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.body);
+        for (name, value) in [
+            ("origin", "http://evil.example"),
+            ("host", "evil.example"),
+            ("host", "evil.example:8750"),
+        ] {
+            let reply = server
+                .send(as_admin(method.clone(), path).header(name, value), "")
+                .await;
+            assert_eq!(
+                reply.status,
+                StatusCode::FORBIDDEN,
+                "{path} with {name}: {value}: {}",
+                reply.body
+            );
+        }
+    }
+    // The probes answer whatever the Host (orchestrators use the pod's IP).
+    for path in ["/healthz", "/readyz"] {
+        let reply = server
+            .send(
+                server
+                    .request(Method::GET, path)
+                    .header("host", "10.1.2.3:8750"),
+                "",
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {}", reply.body);
+    }
+
+    // The 401 challenge and the metadata name only a checked Host, and
+    // nothing of the header but its host and port.
+    let reply = list_with_host(server, "x\", error=\"spoofed").await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert!(!reply.headers.contains_key("www-authenticate"));
+    let reply = list_with_host(server, "evil.example").await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    assert!(!reply.headers.contains_key("www-authenticate"));
+    let reply = list_with_host(server, "spoofed@localhost:8750").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.body);
+    let challenge = reply.headers["www-authenticate"].to_str().unwrap();
+    assert!(
+        challenge.starts_with(
+            "Bearer resource_metadata=\"http://localhost:8750/.well-known/oauth-protected-resource/mcp\""
+        ),
+        "{challenge}"
+    );
+    assert!(!challenge.contains("spoofed"), "{challenge}");
+    let metadata = server
+        .send(
+            server
+                .request(Method::GET, "/.well-known/oauth-protected-resource")
+                .header("host", "spoofed@localhost"),
+            "",
+        )
+        .await;
+    assert_eq!(metadata.json()["resource"], "http://localhost/mcp");
+}
+
+/// An unauthenticated stateless `tools/list` with `host` as the Host header.
+async fn list_with_host(server: &Http, host: &str) -> common::http::Reply {
+    server
+        .send(
+            stateless(server, "tools/list", None).header("host", host),
+            stateless_body(1, "tools/list", json!({})),
+        )
+        .await
+}
+
+#[tokio::test]
 async fn the_audit_chain_verifies_after_load_and_any_tampering_is_found() {
     let setup = Setup::new("");
     let served = setup.serve();

@@ -829,6 +829,133 @@ async fn oversized_bodies_get_413_on_both_transports() {
     assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "/messages");
 }
 
+/// Sends `head` (a request head, then any body bytes in `trickle`, one every
+/// 300 ms) on a fresh connection; returns everything the server sent until
+/// it closed, and how long that took.
+async fn raw_exchange(server: &TestServer, head: &str, trickle: &[u8]) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = server.base.strip_prefix("http://").unwrap();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let started = Instant::now();
+    writer.write_all(head.as_bytes()).await.unwrap();
+    let trickle = trickle.to_vec();
+    let writing = tokio::spawn(async move {
+        for byte in trickle {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if writer.write_all(&[byte]).await.is_err() {
+                return;
+            }
+        }
+        // Keep the connection open: the client never finishes.
+        std::future::pending::<()>().await;
+    });
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(WAIT, reader.read_to_end(&mut reply)).await;
+    writing.abort();
+    let elapsed = started.elapsed();
+    // A reset after the reply is fine: the server is done with the client.
+    assert!(read.is_ok(), "still open after {WAIT:?}");
+    (String::from_utf8_lossy(&reply).into_owned(), elapsed)
+}
+
+#[tokio::test]
+async fn a_body_that_is_late_or_too_large_is_refused() {
+    let server = start(
+        &["conformance"],
+        "[server]\nbody_timeout_secs = 1\nmax_body_bytes = 4096\n",
+        false,
+    )
+    .await;
+    let session = server.sse_session().await;
+    let head = |path: &str, length: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+             Accept: application/json, text/event-stream\r\nContent-Length: {length}\r\n\r\n"
+        )
+    };
+
+    // Headers, then no body at all, on both transports.
+    for path in ["/mcp", session.endpoint.as_str()] {
+        let (reply, elapsed) = raw_exchange(&server, &head(path, "100"), b"").await;
+        assert!(reply.starts_with("HTTP/1.1 408"), "{path}: {reply}");
+        assert!(
+            elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(10),
+            "{path}: answered after {elapsed:?}"
+        );
+    }
+    // A byte every 300 ms does not extend the deadline.
+    let (reply, elapsed) = raw_exchange(&server, &head("/mcp", "100"), &[b' '; 100]).await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "trickle: {reply}");
+    assert!(elapsed < Duration::from_secs(10), "trickle: {elapsed:?}");
+
+    // A declared length beyond the limit is refused before any body.
+    let (reply, elapsed) = raw_exchange(&server, &head("/mcp", "99999999999"), b"").await;
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(
+        elapsed < Duration::from_millis(900),
+        "413 after {elapsed:?}"
+    );
+
+    // A body that arrives in time still works.
+    let ping = json!({"jsonrpc": "2.0", "id": 9, "method": "ping"}).to_string();
+    let reply = server.post_json(&session.endpoint, ping).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+}
+
+#[tokio::test]
+async fn stateless_requests_pass_the_session_cap_and_only_initialize_is_held() {
+    let server = start(&["conformance"], "[server]\nmax_sessions = 2\n", false).await;
+    for _ in 0..2 {
+        let reply = server
+            .send(mcp_post(&server), initialize_body("2025-06-18"))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    }
+
+    // At the cap, stateless requests are still served.
+    let reply = server
+        .send(
+            stateless(&server, "tools/list", None),
+            stateless_body(1, "tools/list", json!({})),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let call = stateless_body(
+        2,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"message": "hi"}}),
+    );
+    let reply = server
+        .send(stateless(&server, "tools/call", Some("echo")), call)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.json()["result"]["content"][0]["text"], "hi");
+
+    // A new session is not, whatever its headers claim or however its
+    // method is spelled.
+    let reply = server
+        .send(mcp_post(&server), initialize_body("2025-06-18"))
+        .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "initialize");
+    let escaped = initialize_body("2025-06-18").replace("\"initialize\"", "\"\\u0069nitialize\"");
+    assert!(escaped.contains("u0069"));
+    let reply = server
+        .send(
+            mcp_post(&server).header("mcp-method", "tools/list"),
+            escaped,
+        )
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "escaped initialize with a fake Mcp-Method: {}",
+        reply.body
+    );
+    let (status, _) = server.get_sse(&[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "an SSE session");
+}
+
 #[tokio::test]
 async fn a_client_slow_to_send_its_headers_is_disconnected_but_open_streams_stay() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -1375,9 +1502,15 @@ async fn streamable_http_bodies_that_are_not_messages_get_json_rpc_errors() {
             .header("mcp-protocol-version", "2025-11-25")
     };
     let stateless_discover = || stateless(&server, "server/discover", None);
-    let cases: [(&str, i64, Value); 5] = [
+    let cases: [(&str, i64, Value); 6] = [
         (r#"{"jsonrpc": "2.0", "id": 5, "meth"#, -32700, Value::Null),
         (r#"{"jsonrpc": "2.0", "id": 6}"#, -32600, json!(6)),
+        // Which of the two methods? JSON leaves it open; rmcp refuses it.
+        (
+            r#"{"jsonrpc": "2.0", "id": 7, "method": "ping", "method": "tools/list"}"#,
+            -32600,
+            json!(7),
+        ),
         (
             r#"{"jsonrpc": "1.0", "id": "a", "method": "ping"}"#,
             -32600,
@@ -1500,4 +1633,118 @@ async fn stateless_requests_need_no_session_and_headers_must_match() {
         "Mcp-Name must match: {}",
         reply.body
     );
+}
+
+// ---------------------------------------------------------------------------
+// Streamable HTTP session races (fixed in the vendored rmcp, vendor/README.md)
+
+/// A request that races the `DELETE` of its session is answered as one to a
+/// live session (200, 202) or to a terminated one (404), never with 500.
+#[tokio::test]
+async fn a_request_racing_the_delete_of_its_session_never_gets_500() {
+    let server = start(&["conformance"], "", false).await;
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for _ in 0..40 {
+        let session = server.streamable_session().await;
+        let (server, session) = (&*server, &session);
+        let requests = (0..24u32).map(|i| async move {
+            // Spread the requests around the DELETE (number 12).
+            tokio::time::sleep(Duration::from_micros(200 * u64::from(i % 8))).await;
+            let (what, reply) = if i == 12 {
+                let delete = server
+                    .request(Method::DELETE, "/mcp")
+                    .header("mcp-session-id", &session.id)
+                    .header("mcp-protocol-version", "2025-11-25");
+                ("DELETE", server.send(delete, "").await)
+            } else {
+                let (what, message) = match i % 4 {
+                    0 => ("ping", json!({"jsonrpc": "2.0", "id": i, "method": "ping"})),
+                    1 => (
+                        "tools/list",
+                        json!({"jsonrpc": "2.0", "id": i, "method": "tools/list"}),
+                    ),
+                    2 => (
+                        "slow tools/call",
+                        json!({
+                            "jsonrpc": "2.0", "id": i, "method": "tools/call",
+                            "params": {"name": "sleep_ms", "arguments": {"ms": 50}}
+                        }),
+                    ),
+                    _ => (
+                        "notification",
+                        json!({"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}),
+                    ),
+                };
+                (what, session.post(message).await)
+            };
+            assert!(
+                [StatusCode::OK, StatusCode::ACCEPTED, StatusCode::NOT_FOUND]
+                    .contains(&reply.status),
+                "{what} racing the DELETE: {} {}",
+                reply.status,
+                reply.body
+            );
+            reply.status.as_u16()
+        });
+        for status in futures::future::join_all(requests).await {
+            *statuses.entry(status).or_default() += 1;
+        }
+    }
+    // The requests did race the DELETE: some came after it.
+    assert!(statuses.get(&404).is_some_and(|&n| n > 0), "{statuses:?}");
+}
+
+/// A request whose id is that of a request still in progress in the same
+/// session is refused at once with -32600 and not run; the request in
+/// progress gets its own reply. Once it has completed, its id may be used
+/// again.
+#[tokio::test]
+async fn a_request_id_in_use_in_the_session_is_refused_at_once() {
+    // keep_alive_secs is 15 s by default: the refusal must come well before.
+    let server = start(&["conformance"], "", false).await;
+    let session = server.streamable_session().await;
+    let call = |ms: u64| {
+        json!({
+            "jsonrpc": "2.0", "id": 7, "method": "tools/call",
+            "params": {"name": "sleep_ms", "arguments": {"ms": ms}}
+        })
+    };
+    let limit = Duration::from_secs(5);
+    let first = async {
+        tokio::time::timeout(limit, session.post(call(1500)))
+            .await
+            .expect("the first call got no reply")
+    };
+    let second = async {
+        // Let the first call start.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = Instant::now();
+        let reply = tokio::time::timeout(limit, session.post(call(0)))
+            .await
+            .expect("the second call got no reply");
+        (reply, sent.elapsed())
+    };
+    let (first, (second, took)) = tokio::join!(first, second);
+
+    assert_eq!(second.status, StatusCode::OK, "{}", second.body);
+    let refused = second.json();
+    assert_eq!(refused["id"], 7, "{refused}");
+    assert_eq!(refused["error"]["code"], -32600, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("already in use"), "{refused}");
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    let answered = first.json();
+    assert_eq!(answered["id"], 7, "{answered}");
+    assert_eq!(answered["result"]["isError"], false, "{answered}");
+
+    // The first call has completed: its id is free again.
+    let reply = tokio::time::timeout(limit, session.post(call(0)))
+        .await
+        .expect("the reused id got no reply");
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let again = reply.json();
+    assert_eq!(again["id"], 7, "{again}");
+    assert_eq!(again["result"]["isError"], false, "{again}");
 }

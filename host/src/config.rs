@@ -87,6 +87,10 @@ pub struct ServerConfig {
     /// Seconds a client may take to send a request's head (request line and
     /// headers); the connection is closed beyond.
     pub header_timeout_secs: u64,
+    /// Seconds a client may take to send a request's whole body, counted
+    /// from the end of its headers (a trickle does not extend it); the
+    /// request is answered 408 and the connection closed beyond.
+    pub body_timeout_secs: u64,
     /// At SIGTERM / Ctrl-C: seconds running calls get to finish before
     /// they are cancelled.
     pub shutdown_grace_secs: u64,
@@ -154,6 +158,7 @@ impl Default for ServerConfig {
             keep_alive_secs: 15,
             session_idle_secs: 300,
             header_timeout_secs: 30,
+            body_timeout_secs: 30,
             shutdown_grace_secs: 30,
             local_tenant: "local".into(),
             local_roles: Vec::new(),
@@ -455,6 +460,12 @@ impl Config {
             problem(
                 "server.header_timeout_secs".into(),
                 "must be 1 to 600 seconds".into(),
+            );
+        }
+        if !(1..=3600).contains(&server.body_timeout_secs) {
+            problem(
+                "server.body_timeout_secs".into(),
+                "must be 1 to 3600 seconds".into(),
             );
         }
         for origin in &server.allowed_origins {
@@ -907,6 +918,14 @@ mod tests {
     fn unknown_keys_are_refused_with_their_name() {
         let err = Config::parse("[runtime]\ntools_dri = \"x\"\n", "test", ".".into()).unwrap_err();
         assert!(err.to_string().contains("tools_dri"), "{err}");
+    }
+
+    #[test]
+    fn the_body_timeout_must_be_positive() {
+        assert_eq!(ServerConfig::default().body_timeout_secs, 30);
+        let err =
+            Config::parse("[server]\nbody_timeout_secs = 0\n", "test", ".".into()).unwrap_err();
+        assert!(err.to_string().contains("body_timeout_secs"), "{err}");
     }
 
     #[test]

@@ -135,13 +135,23 @@ impl Gate {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Base URL of this server as the client addressed it.
+    /// Base URL of this server as the client addressed it. The `Host` has
+    /// passed `server.allowed_hosts` (the server checks it before the gate);
+    /// it is rebuilt from its parsed host and port all the same, so that
+    /// nothing else in the header (quotes, a user-info part) can reach the
+    /// challenge or the metadata.
     fn base_url(&self, headers: &HeaderMap) -> String {
-        let host = headers
+        let authority = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
-            .unwrap_or("localhost");
-        format!("{}://{host}", self.shared.scheme)
+            .and_then(|h| http::uri::Authority::try_from(h).ok());
+        match authority {
+            Some(a) => match a.port_u16() {
+                Some(port) => format!("{}://{}:{port}", self.shared.scheme, a.host()),
+                None => format!("{}://{}", self.shared.scheme, a.host()),
+            },
+            None => format!("{}://localhost", self.shared.scheme),
+        }
     }
 
     fn resource(&self, headers: &HeaderMap) -> String {

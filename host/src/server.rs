@@ -52,6 +52,11 @@ pub fn router(
         sessions,
         sse: sse.clone(),
         max: config.max_sessions,
+        max_body_bytes: config.max_body_bytes,
+    };
+    let body_limits = BodyLimits {
+        max_bytes: config.max_body_bytes,
+        timeout: Duration::from_secs(config.body_timeout_secs),
     };
 
     let metadata = Router::new()
@@ -73,8 +78,9 @@ pub fn router(
         })
     };
     let authenticates = gate.authenticates();
-    // Layers wrap the routes added before them: the gate runs first, then
-    // the session rules, then the transport. Health and metadata stay open.
+    // Layers wrap the routes added before them: the body limits run first,
+    // then the Host and Origin checks, the gate, the session rules and the
+    // transport. Health and metadata need no credential.
     // rmcp answers a body it cannot parse with a plain-text 415; clients
     // expect a JSON-RPC error (see `jsonrpc`).
     let mcp = Router::new().route_service(MCP_PATH, streamable).layer(
@@ -94,10 +100,23 @@ pub fn router(
     if authenticates {
         routes = routes.layer(axum::middleware::from_fn_with_state(gate, gate::check));
     }
+    // Host and Origin are checked before the gate, so that the 401
+    // challenge and the metadata only ever name a Host that passed, and on
+    // every route (admin and metrics too) but the probes: orchestrators
+    // probe with the pod's IP as Host, which no allow-list names, and the
+    // probes reveal nothing and change nothing.
     routes
         .merge(metadata)
+        .layer(axum::middleware::from_fn_with_state(
+            sse,
+            crate::sse::check_host_and_origin,
+        ))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz).with_state(dispatcher))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limits,
+            limit_body,
+        ))
 }
 
 /// `GET /readyz`: 200 when tools are loaded, the audit log syncs and every
@@ -156,13 +175,16 @@ pub fn streamable_http_settings(
 }
 
 /// Refuses to open a session beyond the cap (rmcp's session manager has no
-/// cap of its own): new sessions start with a POST that carries no session id.
+/// cap of its own): a Streamable HTTP session starts with an `initialize`
+/// POST that carries no session id, an HTTP+SSE one with `GET /sse`.
 #[derive(Clone)]
 struct SessionCap {
     sessions: Arc<LocalSessionManager>,
     /// HTTP+SSE sessions count against the same cap.
     sse: SseTransport,
     max: usize,
+    /// Bounds the body read to see whether a POST is an `initialize`.
+    max_body_bytes: usize,
 }
 
 /// The edge's session rules, before rmcp and the HTTP+SSE transport see the
@@ -174,10 +196,15 @@ async fn guard_sessions(State(cap): State<SessionCap>, request: Request, next: N
         .headers()
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok());
-    let opens_session = match path {
+    // Requests that may open a session. Stateless (2026-07-28) requests
+    // and `subscriptions/listen` are POSTs without a session id too, so on
+    // /mcp only the body tells (see `at_the_cap`). rmcp answers a body that
+    // is not JSON 415 before it reads it.
+    let may_open_session = match path {
         MCP_PATH => {
             request.method() == http::Method::POST
-                && !request.headers().contains_key("mcp-session-id")
+                && session.is_none()
+                && crate::jsonrpc::is_json(request.headers())
         }
         SSE_PATH => request.method() == http::Method::GET,
         _ => false,
@@ -191,15 +218,22 @@ async fn guard_sessions(State(cap): State<SessionCap>, request: Request, next: N
     {
         return (http::StatusCode::NOT_FOUND, "Not Found: Session not found").into_response();
     }
-    if opens_session
+    // Below the cap nothing is read; at it, the body decides.
+    let request = if may_open_session
         && cap.sessions.sessions.read().await.len() + cap.sse.session_count() >= cap.max
     {
-        return (
-            http::StatusCode::SERVICE_UNAVAILABLE,
-            "too many open sessions; try again later",
-        )
-            .into_response();
-    }
+        match at_the_cap(&cap, request).await {
+            Ok(request) => request,
+            Err(refused) => return refused,
+        }
+    } else {
+        request
+    };
+    let path = request.uri().path();
+    let session = request
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok());
     // One span per request, named here rather than in a layer of its own
     // (every layer costs each open connection a few hundred bytes). The path,
     // never the query (which could hold a credential), and the session.
@@ -211,6 +245,165 @@ async fn guard_sessions(State(cap): State<SessionCap>, request: Request, next: N
         session = session.unwrap_or(""),
     );
     next.run(request).instrument(span).await
+}
+
+fn too_many_sessions() -> Response {
+    (
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "too many open sessions; try again later",
+    )
+        .into_response()
+}
+
+/// At the session cap, a request that may open a session: `Err` with 503 if
+/// it would, or with the answer to an unreadable body; `Ok` with the request
+/// (its body read into memory) if it would not.
+///
+/// On `/mcp` only an `initialize` opens a session, and only its body says
+/// so (headers could lie). The body is read, bounded by `max_body_bytes` as
+/// rmcp bounds it, and only its top-level `method` is looked at (serde
+/// decodes escapes, so `"\u0069nitialize"` counts). A body that does not
+/// parse so is counted as opening one: nothing a parser disagreeing with
+/// rmcp's accepts gets past the cap.
+async fn at_the_cap(cap: &SessionCap, request: Request) -> Result<Request, Response> {
+    if request.uri().path() != MCP_PATH {
+        return Err(too_many_sessions());
+    }
+    #[derive(serde::Deserialize)]
+    struct Method<'a> {
+        #[serde(default, borrow)]
+        method: std::borrow::Cow<'a, str>,
+    }
+    let (parts, body) = request.into_parts();
+    let body = crate::jsonrpc::read_limited(body, cap.max_body_bytes)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    match serde_json::from_slice::<Method<'_>>(&body) {
+        Ok(Method { method }) if method != "initialize" => {
+            Ok(Request::from_parts(parts, axum::body::Body::from(body)))
+        }
+        _ => Err(too_many_sessions()),
+    }
+}
+
+/// The body limits of every route: see [`limit_body`].
+#[derive(Clone, Copy)]
+struct BodyLimits {
+    max_bytes: usize,
+    timeout: Duration,
+}
+
+/// Refuses a declared `Content-Length` above `max_body_bytes` with 413
+/// before reading anything, and gives the client `body_timeout_secs` from
+/// the end of its headers to send the whole body (a deadline, not an idle
+/// timeout: a trickle does not extend it). `header_timeout_secs` covers only
+/// the head, so without this a client could hold a connection, and a file
+/// descriptor, forever by sending a body slowly or never.
+///
+/// Past the deadline the body read fails (handlers answer that with 400 or
+/// 500); the answer is then replaced with 408 and `Connection: close`. A
+/// response is the clean way out in hyper: a service cannot close its
+/// connection, but hyper closes it after answering a request whose body was
+/// not read to the end, so the client learns why and the socket is freed.
+async fn limit_body(State(limits): State<BodyLimits>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limits.max_bytes as u64) {
+        return (
+            http::StatusCode::PAYLOAD_TOO_LARGE,
+            [(http::header::CONNECTION, "close")],
+            format!(
+                "Payload Too Large: request body exceeds {} bytes",
+                limits.max_bytes
+            ),
+        )
+            .into_response();
+    }
+    // Most requests (every GET) have no body: nothing to time.
+    use axum::body::HttpBody as _;
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let Some(deadline) = tokio::time::Instant::now().checked_add(limits.timeout) else {
+        return next.run(request).await;
+    };
+    let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let request = request.map(|body| {
+        axum::body::Body::new(BodyDeadline {
+            body,
+            deadline,
+            sleep: None,
+            expired: expired.clone(),
+        })
+    });
+    let response = next.run(request).await;
+    if !expired.load(std::sync::atomic::Ordering::Relaxed) {
+        return response;
+    }
+    tracing::debug!("request body not received within the body timeout");
+    (
+        http::StatusCode::REQUEST_TIMEOUT,
+        [(http::header::CONNECTION, "close")],
+        format!(
+            "Request Timeout: the body did not arrive within {} s",
+            limits.timeout.as_secs()
+        ),
+    )
+        .into_response()
+}
+
+/// A request body that fails once its deadline has passed.
+struct BodyDeadline {
+    body: axum::body::Body,
+    deadline: tokio::time::Instant,
+    /// Armed the first time the body has nothing to give (a body that
+    /// arrives with its headers never needs a timer).
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Set when the deadline failed the read, for [`limit_body`].
+    expired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The error of a body read past its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+struct BodyTimedOut;
+
+impl axum::body::HttpBody for BodyDeadline {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let deadline = this.deadline;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.expired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Poll::Ready(Some(Err(axum::Error::new(BodyTimedOut))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Serves `router` on `config.listen` until `shutdown` is cancelled.

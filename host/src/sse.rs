@@ -146,15 +146,12 @@ impl SseTransport {
         self.sessions().len()
     }
 
-    /// `GET /sse` and `POST /messages`, behind the Host and Origin checks.
+    /// `GET /sse` and `POST /messages`. The server puts them behind
+    /// [`check_host_and_origin`], with every other route but the probes.
     pub fn router(&self) -> Router {
         Router::new()
             .route(SSE_PATH, get(open_session))
             .route(MESSAGES_PATH, post(post_message))
-            .layer(axum::middleware::from_fn_with_state(
-                self.clone(),
-                check_host_and_origin,
-            ))
             .with_state(self.clone())
     }
 
@@ -466,8 +463,10 @@ impl Transport<RoleServer> for SessionTransport {
 }
 
 /// Rejects requests whose `Host` is not allowed (DNS rebinding) or whose
-/// `Origin` is not allowed, the way rmcp checks `/mcp`.
-async fn check_host_and_origin(
+/// `Origin` is not allowed, the way rmcp checks `/mcp`: 400 for a malformed
+/// `Host`, 403 otherwise. The server applies it to every route but
+/// `/healthz` and `/readyz` (`server::router`).
+pub(crate) async fn check_host_and_origin(
     State(sse): State<SseTransport>,
     request: Request,
     next: Next,
@@ -534,10 +533,7 @@ fn check_host(uri: &Uri, headers: &HeaderMap, allowed: &[String]) -> Result<(), 
     if is_allowed {
         Ok(())
     } else {
-        tracing::warn!(
-            ?host,
-            "rejected an SSE request with a disallowed Host header"
-        );
+        tracing::warn!(?host, "rejected a request with a disallowed Host header");
         Err(Refusal::forbidden("Host header is not allowed"))
     }
 }
@@ -622,7 +618,7 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), Refusal> 
     } else {
         tracing::warn!(
             ?origin,
-            "rejected an SSE request with a disallowed Origin header"
+            "rejected a request with a disallowed Origin header"
         );
         Err(Refusal::forbidden("Origin header is not allowed"))
     }

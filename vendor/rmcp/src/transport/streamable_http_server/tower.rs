@@ -211,6 +211,48 @@ impl From<BoxResponse> for ErrorResponse {
 }
 
 type HttpResult<T> = Result<T, ErrorResponse>;
+
+/// Cordon's patch: whether a session manager's `error` says that the session
+/// no longer exists, i.e. it ended (say, by a `DELETE`) after the request's
+/// `has_session` check: the local session manager no longer has it, or its
+/// worker has exited. Looks through the error's sources, so a session
+/// manager wrapping the local one is understood too.
+fn session_ended(error: &(dyn std::error::Error + 'static)) -> bool {
+    use super::session::local::{LocalSessionManagerError, SessionError};
+    let mut error = Some(error);
+    while let Some(e) = error {
+        if matches!(
+            e.downcast_ref(),
+            Some(LocalSessionManagerError::SessionNotFound(_))
+        ) || matches!(
+            e.downcast_ref(),
+            Some(SessionError::SessionServiceTerminated)
+        ) {
+            return true;
+        }
+        error = e.source();
+    }
+    false
+}
+
+/// Cordon's patch: [`internal_error_response`], except that a session that
+/// ended gets 404 as a terminated session does (MCP spec), not 500, and no
+/// error log: a request racing the `DELETE` of its session is no fault of
+/// the server.
+fn session_error_response<E: std::error::Error + 'static>(
+    context: &'static str,
+) -> impl FnOnce(E) -> BoxResponse {
+    move |error| {
+        if !session_ended(&error) {
+            return internal_error_response(context)(error);
+        }
+        tracing::debug!("session ended when {context}: {error}");
+        Response::builder()
+            .status(http::StatusCode::NOT_FOUND)
+            .body(Full::new(Bytes::from("Not Found: Session not found")).boxed())
+            .expect("valid response")
+    }
+}
 type RestoreResultSender = tokio::sync::watch::Sender<Option<bool>>;
 type PendingRestores = Arc<tokio::sync::RwLock<HashMap<SessionId, RestoreResultSender>>>;
 
@@ -2324,7 +2366,7 @@ where
                             .session_manager
                             .create_stream(&session_id, message)
                             .await
-                            .map_err(internal_error_response("get session"))?;
+                            .map_err(session_error_response("get session"))?;
                         if self.config.json_response_in_sessions {
                             return Ok(self.session_json_or_sse_response(stream).await);
                         }
@@ -2341,7 +2383,7 @@ where
                         self.session_manager
                             .accept_message(&session_id, message)
                             .await
-                            .map_err(internal_error_response("accept message"))?;
+                            .map_err(session_error_response("accept message"))?;
                         Ok(accepted_response())
                     }
                 }

@@ -474,6 +474,27 @@ impl LocalSessionWorker {
             );
         }
     }
+    /// Cordon's patch: answers a request whose id is that of a request still
+    /// in progress in this session (the spec forbids reusing an id within a
+    /// session) with -32600 on its own stream, and closes that stream; the
+    /// request is not run. Before, the duplicate took over the id's route: the
+    /// first reply went to the second request's stream, and the first
+    /// request's stream got nothing until the session ended. Once a request
+    /// has completed (or was cancelled) its id is free again, as before.
+    async fn refuse_request_id_in_use(&mut self, id: RequestId, http_request_id: HttpRequestId) {
+        tracing::debug!(%id, http_request_id, "request id already in use");
+        let error = ServerJsonRpcMessage::error(
+            crate::model::ErrorData::invalid_request(
+                format!("request id {id} is already in use by a request in progress"),
+                None,
+            ),
+            Some(id),
+        );
+        if let Some(mut channel) = self.tx_router.remove(&http_request_id) {
+            // The client may be gone already: nothing to do then.
+            let _ = channel.tx.send(error).await;
+        }
+    }
     fn catch_cancellation_notification(
         &mut self,
         notification: &JsonRpcNotification<ClientNotification>,
@@ -1182,6 +1203,18 @@ impl Worker for LocalSessionWorker {
                     match &json_rpc_message {
                         crate::model::JsonRpcMessage::Request(request) => {
                             if let Some(http_request_id) = http_request_id {
+                                // Cordon's patch: see `refuse_request_id_in_use`.
+                                if self
+                                    .resource_router
+                                    .contains_key(&ResourceKey::McpRequestId(request.id.clone()))
+                                {
+                                    self.refuse_request_id_in_use(
+                                        request.id.clone(),
+                                        http_request_id,
+                                    )
+                                    .await;
+                                    continue;
+                                }
                                 self.register_request(request, http_request_id)
                             }
                         }
