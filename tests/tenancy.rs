@@ -165,6 +165,12 @@ async fn every_token_attack_gets_401_and_an_audit_record() {
             "?token=x",
             "token_in_query",
         ),
+        (
+            "token in the query string, its name percent-encoded",
+            Some(format!("Bearer {valid}")),
+            "?x=1&access%5Ftoken=x",
+            "token_in_query",
+        ),
     ];
     for (name, authorization, query, _) in &cases {
         let reply = list_with(server, authorization.as_deref(), &format!("/mcp{query}")).await;

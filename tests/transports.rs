@@ -1486,8 +1486,10 @@ async fn bad_requests_get_json_rpc_errors_and_the_session_survives() {
         )
         .await;
     assert_eq!(bad_args["error"]["code"], -32602, "{bad_args}");
-    let (_, cursor) = session.call("tools/list", json!({"cursor": ""})).await;
-    assert_eq!(cursor["error"]["code"], -32602, "{cursor}");
+    for bogus in ["", "not a tool name", "../etc"] {
+        let (_, cursor) = session.call("tools/list", json!({"cursor": bogus})).await;
+        assert_eq!(cursor["error"]["code"], -32602, "{bogus:?}: {cursor}");
+    }
     let tools = session.result("tools/list", json!({})).await;
     assert!(!tools["tools"].as_array().unwrap().is_empty());
 }

@@ -253,10 +253,16 @@ impl Gate {
     fn authenticate(&self, request: &Request) -> Result<Arc<Principal>, Refusal> {
         if let Some(query) = request.uri().query()
             && query.split('&').any(|pair| {
-                let name = pair.split('=').next().unwrap_or_default();
+                // The name as a server would decode it (`access%5Ftoken` is
+                // `access_token`); the value is never looked at.
+                let raw = pair.split('=').next().unwrap_or_default();
+                let name = form_urlencoded::parse(raw.as_bytes())
+                    .next()
+                    .map(|(name, _)| name)
+                    .unwrap_or_default();
                 CREDENTIAL_PARAMS
                     .iter()
-                    .any(|p| p.eq_ignore_ascii_case(name))
+                    .any(|p| p.eq_ignore_ascii_case(name.trim()))
             })
         {
             return Err(Refusal::Auth(AuthFailure::TokenInQuery));

@@ -233,7 +233,8 @@ impl ServerHandler for McpHandler {
         let start = match request.and_then(|r| r.cursor) {
             None => 0,
             Some(after) => {
-                if after.is_empty() || after.len() > 64 {
+                // Only a tool name can be a cursor this server gave out.
+                if !crate::runtime::valid_tool_name(&after) {
                     return Err(McpError::invalid_params("invalid cursor", None));
                 }
                 tools.partition_point(|t| t.name.as_ref() <= after.as_str())

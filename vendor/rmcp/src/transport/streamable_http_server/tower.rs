@@ -2237,7 +2237,7 @@ where
             .session_manager
             .create_standalone_stream(&session_id)
             .await
-            .map_err(internal_error_response("create standalone stream"))?;
+            .map_err(session_error_response("create standalone stream"))?;
         let stream = if let Some(retry) = self.config.sse_retry {
             let priming = if self.session_manager.event_store().is_some() {
                 ServerSseMessage::retry(retry)
