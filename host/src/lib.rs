@@ -19,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod dispatch;
+pub mod edge;
 pub mod gate;
 pub mod jsonrpc;
 pub mod mcp;

@@ -108,8 +108,8 @@ pub fn router(
     routes
         .merge(metadata)
         .layer(axum::middleware::from_fn_with_state(
-            sse,
-            crate::sse::check_host_and_origin,
+            crate::edge::AllowedPeers::new(config),
+            crate::edge::check_host_and_origin,
         ))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz).with_state(dispatcher))
