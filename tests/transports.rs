@@ -145,6 +145,37 @@ impl Http {
         )
     }
 
+    /// Opens a 2026-07-28 `subscriptions/listen` stream for tool-list
+    /// changes: the event stream, or the JSON-RPC error of a JSON reply.
+    async fn listen(&self) -> Result<EventStream, Value> {
+        let request = stateless(self, "subscriptions/listen", None)
+            .body(stateless_body(
+                1,
+                "subscriptions/listen",
+                json!({"notifications": {"toolsListChanged": true}}),
+            ))
+            .unwrap();
+        let response = tokio::time::timeout(WAIT, self.client.request(request))
+            .await
+            .expect("the server did not answer in time")
+            .unwrap();
+        let is_stream = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream");
+        let stream = EventStream {
+            body: Box::pin(Body::new(response.into_body()).into_data_stream()),
+            buf: Vec::new(),
+        };
+        if !is_stream {
+            let body = axum::body::to_bytes(Body::from_stream(stream.body), usize::MAX)
+                .await
+                .unwrap();
+            return Err(serde_json::from_slice(&body).unwrap());
+        }
+        Ok(stream)
+    }
+
     /// Opens an SSE session (not yet initialized).
     async fn open_sse(&self) -> SseSession<'_> {
         let (status, stream) = self.get_sse(&[]).await;
@@ -562,6 +593,68 @@ async fn list_changed_reaches_an_open_sse_session() {
             .any(|t| t["name"] == "text_stats"),
         "{tools}"
     );
+}
+
+/// The next JSON-RPC message on a `subscriptions/listen` stream, after
+/// its acknowledgement (rmcp sends that before the handler runs; priming
+/// events have no data). Panics after [`WAIT`] (keep-alive comments do not
+/// extend it).
+async fn first_message(stream: &mut EventStream) -> Value {
+    let next = async {
+        loop {
+            let event = stream.next_event().await.expect("the stream ended");
+            if event.data.is_empty() {
+                continue;
+            }
+            let message: Value = serde_json::from_str(&event.data).unwrap();
+            if message["method"] != "notifications/subscriptions/acknowledged" {
+                return message;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, next)
+        .await
+        .expect("no message on the subscription stream")
+}
+
+#[tokio::test]
+async fn subscription_streams_get_list_changed_and_are_capped() {
+    // Keep-alives every second, so a closed stream is noticed soon.
+    let server = start(
+        &["conformance"],
+        "[server]\nmax_sessions = 2\nkeep_alive_secs = 1\n",
+        true,
+    )
+    .await;
+    let mut first = server.listen().await.expect("the first stream opens");
+    let second = server.listen().await.expect("the second stream opens");
+    let refused = match server.listen().await {
+        Err(error) => error,
+        Ok(mut stream) => first_message(&mut stream).await,
+    };
+    assert_eq!(refused["error"]["code"], -32029, "{refused}");
+
+    // An open stream hears of a new tool.
+    std::fs::copy(guest("text"), server.dir.path().join("tools/text.wasm")).unwrap();
+    let changed = first_message(&mut first).await;
+    assert_eq!(
+        changed["method"], "notifications/tools/list_changed",
+        "{changed}"
+    );
+
+    // A stream the client closed frees its place.
+    drop(second);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match server.listen().await {
+            Ok(_) => break,
+            Err(error) => {
+                assert_eq!(error["error"]["code"], -32029, "{error}");
+                assert!(Instant::now() < deadline, "the place was never freed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 // revision Cordon serves today, and the conformance suite checks it.
 #![allow(deprecated)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rmcp::model::{
@@ -29,6 +30,42 @@ use crate::runtime::{CallEvent, CallFailure, EventSink, LogLevel};
 /// implementation-defined server error; HTTP transports also answer 429).
 pub const QUOTA_EXCEEDED: rmcp::model::ErrorCode = rmcp::model::ErrorCode(-32029);
 
+/// A bound on open `subscriptions/listen` streams. Each holds a connection
+/// and a task for as long as its client keeps it open, as a session does,
+/// but it is a stateless request: the session cap does not see it. Cheap to
+/// clone; the clones share the count.
+#[derive(Clone, Debug)]
+pub struct ListenCap {
+    open: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl ListenCap {
+    /// At most `max` streams open at once.
+    pub fn new(max: usize) -> Self {
+        ListenCap {
+            open: Arc::new(AtomicUsize::new(0)),
+            max,
+        }
+    }
+
+    /// A place for one more stream, held until the slot is dropped; `None`
+    /// at the cap.
+    fn enter(&self) -> Option<ListenSlot> {
+        let before = self.open.fetch_add(1, Ordering::AcqRel);
+        let slot = ListenSlot(self.open.clone());
+        (before < self.max).then_some(slot)
+    }
+}
+
+struct ListenSlot(Arc<AtomicUsize>);
+
+impl Drop for ListenSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Tools per `tools/list` page.
 const PAGE_SIZE: usize = 100;
 /// How long a client may cache `tools/list` (2026-07-28 `ttlMs`); changes
@@ -48,6 +85,8 @@ pub struct McpHandler {
     session: Option<Arc<str>>,
     /// The level set by `logging/setLevel` for this session.
     log_level: Arc<Mutex<Option<LogLevel>>>,
+    /// Bounds `subscriptions/listen` streams (none: unbounded, e.g. stdio).
+    listen_cap: Option<ListenCap>,
     /// Cancelled when the last clone of this handler is dropped, i.e. when
     /// the session ends: it stops the session's background tasks.
     session_end: CancellationToken,
@@ -66,6 +105,7 @@ impl McpHandler {
             transport: "streamable-http",
             session: None,
             log_level: Arc::new(Mutex::new(None)),
+            listen_cap: None,
             _session_guard: Arc::new(session_end.clone().drop_guard()),
             session_end,
         }
@@ -74,6 +114,13 @@ impl McpHandler {
     /// Names the transport in audit records (default `streamable-http`).
     pub fn with_transport(mut self, transport: &'static str) -> Self {
         self.transport = transport;
+        self
+    }
+
+    /// Bounds the `subscriptions/listen` streams open at once, with every
+    /// handler given a clone of `cap`.
+    pub fn with_listen_cap(mut self, cap: ListenCap) -> Self {
+        self.listen_cap = Some(cap);
         self
     }
 
@@ -408,6 +455,20 @@ impl ServerHandler for McpHandler {
     }
 
     async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
+        let _slot = match &self.listen_cap {
+            None => None,
+            Some(cap) => Some(cap.enter().ok_or_else(|| {
+                McpError::new(
+                    QUOTA_EXCEEDED,
+                    format!(
+                        "all {} subscription streams are open (server.max_sessions); \
+                         try again later",
+                        cap.max
+                    ),
+                    None,
+                )
+            })?),
+        };
         let mut changes = self.dispatcher.registry().subscribe();
         loop {
             tokio::select! {

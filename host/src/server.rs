@@ -37,7 +37,11 @@ pub fn router(
     let fallback = Arc::new(config.local_principal());
     let factory = {
         let dispatcher = dispatcher.clone();
-        move || Ok(McpHandler::new(dispatcher.clone(), fallback.clone()))
+        let listens = crate::mcp::ListenCap::new(config.max_sessions);
+        move || {
+            Ok(McpHandler::new(dispatcher.clone(), fallback.clone())
+                .with_listen_cap(listens.clone()))
+        }
     };
     let (http_config, sessions) = streamable_http_settings(config, &shutdown);
     let streamable = StreamableHttpService::new(factory, sessions.clone(), http_config);
