@@ -556,15 +556,12 @@ pub mod native {
 
 /// A requested tool name that is no valid tool name, as the log and the
 /// audit record show it: control characters and quotes escaped, at most 64
-/// characters, marked when cut.
+/// bytes, marked when cut.
 fn printable_tool_name(name: &str) -> String {
     const SHOWN: usize = 64;
-    let mut escaped = name.chars().flat_map(char::escape_debug);
-    let mut shown: String = escaped.by_ref().take(SHOWN).collect();
-    if escaped.next().is_some() {
-        shown.push_str("…[truncated]");
-    }
-    shown
+    // One character past what is shown, so that a longer name is marked.
+    let head: String = name.chars().take(SHOWN + 1).collect();
+    crate::runtime::cut_to(head.escape_debug().to_string(), SHOWN)
 }
 
 fn json_kind(value: &serde_json::Value) -> &'static str {
@@ -575,5 +572,18 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
         serde_json::Value::String(_) => "a string",
         serde_json::Value::Array(_) => "an array",
         serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable_tool_name;
+
+    #[test]
+    fn a_name_no_tool_can_have_is_shown_escaped_and_bounded() {
+        assert_eq!(printable_tool_name("a\"b\n"), "a\\\"b\\n");
+        let long = printable_tool_name(&"x".repeat(100_000));
+        assert_eq!(long, format!("{}…[truncated]", "x".repeat(64)));
+        assert_eq!(printable_tool_name(&"x".repeat(64)), "x".repeat(64));
     }
 }

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod bounded;
 pub mod config;
 pub mod db;
 pub mod dispatch;

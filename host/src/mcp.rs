@@ -6,7 +6,6 @@
 // revision Cordon serves today, and the conformance suite checks it.
 #![allow(deprecated)]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rmcp::model::{
@@ -23,48 +22,13 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::bounded::Bounded;
 use crate::dispatch::{CallOrigin, CallRequest, Dispatcher, Principal};
 use crate::runtime::{CallEvent, CallFailure, EventSink, LogLevel};
 
 /// JSON-RPC error code of a call refused by the tenant's quotas (an
 /// implementation-defined server error; HTTP transports also answer 429).
 pub const QUOTA_EXCEEDED: rmcp::model::ErrorCode = rmcp::model::ErrorCode(-32029);
-
-/// A bound on open `subscriptions/listen` streams. Each holds a connection
-/// and a task for as long as its client keeps it open, as a session does,
-/// but it is a stateless request: the session cap does not see it. Cheap to
-/// clone; the clones share the count.
-#[derive(Clone, Debug)]
-pub struct ListenCap {
-    open: Arc<AtomicUsize>,
-    max: usize,
-}
-
-impl ListenCap {
-    /// At most `max` streams open at once.
-    pub fn new(max: usize) -> Self {
-        ListenCap {
-            open: Arc::new(AtomicUsize::new(0)),
-            max,
-        }
-    }
-
-    /// A place for one more stream, held until the slot is dropped; `None`
-    /// at the cap.
-    fn enter(&self) -> Option<ListenSlot> {
-        let before = self.open.fetch_add(1, Ordering::AcqRel);
-        let slot = ListenSlot(self.open.clone());
-        (before < self.max).then_some(slot)
-    }
-}
-
-struct ListenSlot(Arc<AtomicUsize>);
-
-impl Drop for ListenSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// Tools per `tools/list` page.
 const PAGE_SIZE: usize = 100;
@@ -85,8 +49,11 @@ pub struct McpHandler {
     session: Option<Arc<str>>,
     /// The level set by `logging/setLevel` for this session.
     log_level: Arc<Mutex<Option<LogLevel>>>,
-    /// Bounds `subscriptions/listen` streams (none: unbounded, e.g. stdio).
-    listen_cap: Option<ListenCap>,
+    /// Bounds open `subscriptions/listen` streams (none: unbounded, e.g.
+    /// stdio). Each holds a connection and a task for as long as its client
+    /// keeps it open, as a session does, but it is a stateless request: the
+    /// session cap does not see it.
+    listen_cap: Option<Arc<Bounded>>,
     /// Cancelled when the last clone of this handler is dropped, i.e. when
     /// the session ends: it stops the session's background tasks.
     session_end: CancellationToken,
@@ -117,9 +84,9 @@ impl McpHandler {
         self
     }
 
-    /// Bounds the `subscriptions/listen` streams open at once, with every
-    /// handler given a clone of `cap`.
-    pub fn with_listen_cap(mut self, cap: ListenCap) -> Self {
+    /// Bounds the `subscriptions/listen` streams open at once, counted in
+    /// `cap` across every handler given it.
+    pub fn with_listen_cap(mut self, cap: Arc<Bounded>) -> Self {
         self.listen_cap = Some(cap);
         self
     }
@@ -463,7 +430,7 @@ impl ServerHandler for McpHandler {
                     format!(
                         "all {} subscription streams are open (server.max_sessions); \
                          try again later",
-                        cap.max
+                        cap.max()
                     ),
                     None,
                 )

@@ -37,7 +37,7 @@ pub fn router(
     let fallback = Arc::new(config.local_principal());
     let factory = {
         let dispatcher = dispatcher.clone();
-        let listens = crate::mcp::ListenCap::new(config.max_sessions);
+        let listens = Arc::new(crate::bounded::Bounded::new(config.max_sessions));
         move || {
             Ok(McpHandler::new(dispatcher.clone(), fallback.clone())
                 .with_listen_cap(listens.clone()))

@@ -19,7 +19,7 @@ mod registry;
 mod state;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,7 @@ pub use idle::use_idle_time;
 pub use inspect::inspect;
 pub use limits::Limits;
 pub use output::CallFailure;
+pub(crate) use output::cut_to;
 pub use registry::{
     LoadProblem, Registry, RegistryHandle, ToolEntry, ToolSource, ToolsChanged, WatchGuard,
 };
@@ -140,7 +141,7 @@ pub struct Runtime {
     in_place_reset_bytes: u64,
     databases: Arc<crate::db::Databases>,
     /// Calls between their start and their end; at most `max_instances`.
-    running: AtomicU32,
+    running: crate::bounded::Bounded,
     /// Pool slots beyond `max_instances` for finished Stores whose teardown
     /// waits for their worker to idle, and for spare instances (see `idle`).
     headroom: Arc<idle::Headroom>,
@@ -182,10 +183,10 @@ impl Runtime {
         Ok(Runtime {
             engine,
             linker,
+            running: crate::bounded::Bounded::new(settings.max_instances as usize),
             settings,
             in_place_reset_bytes,
             databases: Arc::default(),
-            running: AtomicU32::new(0),
             headroom,
             _ticker: ticker,
         })
@@ -246,7 +247,9 @@ impl Runtime {
             cancel,
         } = spec;
         let mut stats = CallStats::default();
-        let Some(_running) = RunningCall::start(&self.running, self.settings.max_instances) else {
+        // Held from the call's start until `call` returns or its future is
+        // dropped.
+        let Some(_running) = self.running.enter() else {
             return CallOutcome {
                 result: Err(CallFailure::Unavailable(format!(
                     "all {} instance slots are in use (runtime.engine.max_instances)",
@@ -485,27 +488,6 @@ pub struct IdleInstances {
     pub awaiting_teardown: u32,
     /// Instances prepared for a next call.
     pub spares: u32,
-}
-
-/// One call counted against `max_instances`, from its start until `call`
-/// returns or its future is dropped.
-struct RunningCall<'a>(&'a AtomicU32);
-
-impl<'a> RunningCall<'a> {
-    fn start(running: &'a AtomicU32, max: u32) -> Option<Self> {
-        running
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| RunningCall(running))
-    }
-}
-
-impl Drop for RunningCall<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// Extracts a Rust panic message ("panicked at ...:\nMESSAGE") from stderr.

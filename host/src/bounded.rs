@@ -1,0 +1,61 @@
+//! A count of things held at once, with a bound, and the guard that holds
+//! one of them: the sandbox's running calls, the open subscription streams.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// At most `max` held at once.
+#[derive(Debug)]
+pub struct Bounded {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl Bounded {
+    /// Nothing held yet; at most `max` at once.
+    pub const fn new(max: usize) -> Self {
+        Bounded {
+            held: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// The bound.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// One more, held until the guard is dropped; `None` at the bound.
+    pub fn enter(&self) -> Option<Held<'_>> {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Held(&self.held))
+    }
+}
+
+/// One of a [`Bounded`] count, given back on drop.
+#[derive(Debug)]
+pub struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bound_holds_and_a_dropped_guard_frees_its_place() {
+        let bounded = Bounded::new(2);
+        let a = bounded.enter().unwrap();
+        let _b = bounded.enter().unwrap();
+        assert!(bounded.enter().is_none());
+        drop(a);
+        assert!(bounded.enter().is_some());
+    }
+}
