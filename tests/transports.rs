@@ -473,6 +473,15 @@ async fn sse_serves_initialize_tools_list_and_tools_call() {
     ];
     ids.sort_by_key(|id| id.to_string());
     assert_eq!(ids, vec![json!("a"), json!("b")]);
+
+    // A batch is bounded.
+    let many: Vec<Value> = (0..65)
+        .map(|i| json!({"jsonrpc": "2.0", "id": i, "method": "ping"}))
+        .collect();
+    let reply = session.post(Value::Array(many).to_string()).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], -32600, "{}", reply.body);
+    session.result("ping", json!({})).await;
 }
 
 #[tokio::test]
@@ -1655,6 +1664,160 @@ async fn streamable_http_bodies_that_are_not_messages_get_json_rpc_errors() {
         )
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}
+
+/// A 2025-03-26 session may send JSON-RPC batches, as that revision allows:
+/// requests, notifications and responses mixed, with or without the
+/// protocol version header. The replies share one event stream, which ends
+/// after the last of them; progress of a call in the batch rides on it too.
+/// Later revisions and stateless requests are refused (see above).
+#[tokio::test]
+async fn a_2025_03_26_session_takes_json_rpc_batches() {
+    let server = start(&["text", "conformance"], "", false).await;
+    let reply = server
+        .send(mcp_post(&server), initialize_body("2025-03-26"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.json()["result"]["protocolVersion"], "2025-03-26");
+    let id = reply.headers["mcp-session-id"].to_str().unwrap().to_owned();
+    // 2025-03-26 clients send no MCP-Protocol-Version header.
+    let post = |version: Option<&str>, body: Value| {
+        let mut request = mcp_post(&server).header("mcp-session-id", &id);
+        if let Some(version) = version {
+            request = request.header("mcp-protocol-version", version);
+        }
+        server.send(request, body.to_string())
+    };
+    let messages_of = |reply: &Reply| -> Vec<Value> {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_event_stream(reply, "a batch's replies");
+        sse_fields(&reply.body)
+            .iter()
+            .filter_map(|fields| fields.iter().find(|(f, v)| f == "data" && !v.is_empty()))
+            .map(|(_, data)| serde_json::from_str(data).unwrap())
+            .collect()
+    };
+
+    // Notifications alone: accepted, nothing to answer.
+    let reply = post(
+        None,
+        json!([{"jsonrpc": "2.0", "method": "notifications/initialized"}]),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+
+    let reply = post(
+        None,
+        json!([
+            {"jsonrpc": "2.0", "id": "list", "method": "tools/list"},
+            {"jsonrpc": "2.0", "method": "notifications/roots/list_changed"},
+            {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+             "params": {"name": "text_stats", "arguments": {"text": "two words"}}},
+            {"jsonrpc": "2.0", "id": "progress", "method": "tools/call",
+             "params": {"name": "test_tool_with_progress", "arguments": {},
+                        "_meta": {"progressToken": "p"}}},
+            {"jsonrpc": "2.0", "id": "nope", "method": "no/such/method"}
+        ]),
+    )
+    .await;
+    let messages = messages_of(&reply);
+    let reply_to = |id: Value| {
+        let replies: Vec<&Value> = messages.iter().filter(|m| m["id"] == id).collect();
+        assert_eq!(replies.len(), 1, "{id}: {messages:?}");
+        replies[0].clone()
+    };
+    let tools = reply_to(json!("list"));
+    assert!(
+        tools["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "text_stats"),
+        "{tools}"
+    );
+    let stats = reply_to(json!(7));
+    assert_eq!(stats["result"]["structuredContent"]["words"], 2, "{stats}");
+    let progress_call = reply_to(json!("progress"));
+    assert_eq!(
+        progress_call["result"]["content"][0]["text"],
+        "Tool with progress executed successfully"
+    );
+    assert_eq!(reply_to(json!("nope"))["error"]["code"], -32601);
+    let progress = messages
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress" && m["params"]["progressToken"] == "p")
+        .count();
+    assert_eq!(progress, 3, "{messages:?}");
+    assert_eq!(messages.len(), 4 + 3, "{messages:?}");
+
+    // The version header may name 2025-03-26 too.
+    let reply = post(
+        Some("2025-03-26"),
+        json!([{"jsonrpc": "2.0", "id": 1, "method": "ping"}, {"jsonrpc": "2.0", "id": 2, "method": "ping"}]),
+    )
+    .await;
+    let mut ids: Vec<String> = messages_of(&reply)
+        .iter()
+        .map(|m| m["id"].to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["1", "2"]);
+
+    // Batches are refused where the request speaks a later revision, and a
+    // batch with a broken message is refused whole, naming that message.
+    for (version, body, id) in [
+        (
+            Some("2025-06-18"),
+            json!([{"jsonrpc": "2.0", "id": 1, "method": "ping"}]),
+            Value::Null,
+        ),
+        (
+            None,
+            json!([{"jsonrpc": "2.0", "id": 1, "method": "ping"}, {"jsonrpc": "2.0", "id": 2}]),
+            json!(2),
+        ),
+    ] {
+        let reply = post(version, body.clone()).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            reply.body
+        );
+        let error = reply.json();
+        assert_eq!(error["error"]["code"], -32600, "{body}: {error}");
+        assert_eq!(error["id"], id, "{body}: {error}");
+    }
+
+    // A batch is bounded.
+    let many: Vec<Value> = (0..65)
+        .map(|i| json!({"jsonrpc": "2.0", "id": i, "method": "ping"}))
+        .collect();
+    let reply = post(None, Value::Array(many)).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    let error = reply.json();
+    assert_eq!(error["error"]["code"], -32600, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 64"),
+        "{error}"
+    );
+
+    // An unknown session is still 404, batch or not.
+    let reply = server
+        .send(
+            mcp_post(&server).header("mcp-session-id", "no-such-session"),
+            json!([{"jsonrpc": "2.0", "id": 1, "method": "ping"}]).to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
+
+    // The session goes on with single messages.
+    let reply = post(None, json!({"jsonrpc": "2.0", "id": 3, "method": "ping"})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.json()["id"], 3);
 }
 
 // ---------------------------------------------------------------------------

@@ -91,8 +91,13 @@ pub async fn read_limited(body: Body, max: usize) -> Result<Bytes, BodyRefused> 
     })
 }
 
+/// The most messages one JSON-RPC batch may hold. Each request in a batch is
+/// served at once, so the body size alone would let one POST start tens of
+/// thousands.
+pub const MAX_BATCH_MESSAGES: usize = 64;
+
 /// One message or a batch (JSON-RPC 2.0 batches, which MCP allowed until
-/// 2025-06-18).
+/// 2025-06-18) of at most [`MAX_BATCH_MESSAGES`].
 pub fn parse_messages(body: &[u8]) -> Result<Vec<ClientJsonRpcMessage>, InvalidMessage> {
     let value: Value = serde_json::from_slice(body).map_err(|e| InvalidMessage {
         id: None,
@@ -104,6 +109,14 @@ pub fn parse_messages(body: &[u8]) -> Result<Vec<ClientJsonRpcMessage>, InvalidM
             id: None,
             code: INVALID_REQUEST,
             message: "Invalid Request: empty batch".into(),
+        }),
+        Value::Array(items) if items.len() > MAX_BATCH_MESSAGES => Err(InvalidMessage {
+            id: None,
+            code: INVALID_REQUEST,
+            message: format!(
+                "Invalid Request: a batch holds at most {MAX_BATCH_MESSAGES} messages, this one {}",
+                items.len()
+            ),
         }),
         Value::Array(items) => items.into_iter().map(parse_message).collect(),
         single => Ok(vec![parse_message(single)?]),
@@ -154,12 +167,14 @@ pub async fn answer_unparsable(
     }
     match parse_messages(&body) {
         Err(invalid) => invalid.into_response(),
-        // What parses here but not for rmcp is a batch.
+        // What parses here but not for rmcp is a batch outside a 2025-03-26
+        // session (rmcp serves those).
         Ok(_) if body.trim_ascii_start().starts_with(b"[") => InvalidMessage {
             id: None,
             code: INVALID_REQUEST,
-            message: "Invalid Request: JSON-RPC batches are not accepted on /mcp \
-                      (MCP removed them in 2025-06-18); send one message per POST"
+            message: "Invalid Request: a JSON-RPC batch is accepted on /mcp only in a \
+                      2025-03-26 session (MCP removed batches in 2025-06-18); send one \
+                      message per POST"
                 .into(),
         }
         .into_response(),
@@ -202,6 +217,17 @@ mod tests {
         assert_eq!(parse_messages(ping).unwrap().len(), 1);
         let batch = br#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"}]"#;
         assert_eq!(parse_messages(batch).unwrap().len(), 2);
+        let ping = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+        let batch = |n: usize| format!("[{}]", vec![ping; n].join(","));
+        assert_eq!(
+            parse_messages(batch(MAX_BATCH_MESSAGES).as_bytes())
+                .unwrap()
+                .len(),
+            MAX_BATCH_MESSAGES
+        );
+        let e = refused(&batch(MAX_BATCH_MESSAGES + 1));
+        assert_eq!((e.code, e.id), (INVALID_REQUEST, None));
+        assert!(e.message.contains("at most 64"), "{}", e.message);
     }
 
     #[test]

@@ -164,9 +164,12 @@ pub fn streamable_http_settings(
         .with_json_response_in_sessions(true)
         // A call still silent after the keep-alive interval is answered as an
         // event stream, whose keep-alive comments keep proxies from cutting
-        // it. These two settings come from Cordon's patch of the vendored
-        // rmcp (vendor/README.md).
+        // it.
         .with_stream_after_keep_alive(true)
+        // A 2025-03-26 session may send JSON-RPC batches, as that revision
+        // allows (later ones removed them). These three settings come from
+        // Cordon's patch of the vendored rmcp (vendor/README.md).
+        .with_max_batch_in_2025_03_26_sessions(crate::jsonrpc::MAX_BATCH_MESSAGES)
         .with_cancellation_token(shutdown.child_token())
         .with_max_request_body_bytes(config.max_body_bytes)
         .with_allowed_hosts(config.allowed_hosts.clone())

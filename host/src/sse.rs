@@ -5,7 +5,8 @@
 //!   `endpoint`, whose data is the URL to POST to
 //!   (`/messages?sessionId=<id>`); every JSON-RPC message from the server then
 //!   arrives as a `message` event, with `: keep-alive` comments in between.
-//! - `POST /messages?sessionId=<id>` takes one JSON-RPC message (or a batch)
+//! - `POST /messages?sessionId=<id>` takes one JSON-RPC message (or a batch
+//!   of at most [`MAX_BATCH_MESSAGES`](crate::jsonrpc::MAX_BATCH_MESSAGES))
 //!   and answers `202 Accepted`; the reply comes on the event stream.
 //!
 //! Each session runs [`McpHandler`] through `rmcp::ServiceExt::serve` over a

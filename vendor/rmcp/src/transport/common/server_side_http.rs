@@ -212,6 +212,20 @@ where
     B: Body + Send + 'static,
     B::Error: Display,
 {
+    let collected = collect_body(body, max_bytes).await?;
+    parse_json_message(&collected)
+}
+
+/// Cordon's patch: the body of [`expect_json`], read but not parsed (a
+/// batch is parsed otherwise).
+pub(crate) async fn collect_body<B>(
+    body: B,
+    max_bytes: usize,
+) -> Result<Bytes, Response<BoxBody<Bytes, Infallible>>>
+where
+    B: Body + Send + 'static,
+    B::Error: Display,
+{
     let mut collected = bytes::BytesMut::new();
     let mut body = std::pin::pin!(body);
     loop {
@@ -253,7 +267,14 @@ where
         }
     }
 
-    match serde_json::from_slice::<ClientJsonRpcMessage>(&collected) {
+    Ok(collected.freeze())
+}
+
+/// Cordon's patch: the parsing half of [`expect_json`].
+pub(crate) fn parse_json_message(
+    collected: &[u8],
+) -> Result<ClientJsonRpcMessage, Response<BoxBody<Bytes, Infallible>>> {
+    match serde_json::from_slice::<ClientJsonRpcMessage>(collected) {
         Ok(message) => Ok(message),
         Err(e) => {
             let response = Response::builder()

@@ -43,8 +43,9 @@ use crate::{
             },
             mcp_headers,
             server_side_http::{
-                BoxResponse, ServerSseMessage, accepted_response, expect_json,
-                internal_error_response, session_id_required_response, sse_stream_response,
+                BoxResponse, ServerSseMessage, accepted_response, collect_body,
+                internal_error_response, parse_json_message, session_id_required_response,
+                sse_stream_response,
             },
         },
     },
@@ -290,6 +291,18 @@ pub struct StreamableHttpServerConfig {
     /// stream's keep-alive comments reach proxies that would cut a silent
     /// reply.
     pub stream_after_keep_alive: bool,
+    /// Cordon's patch: when above 0, a POST in a legacy session whose body
+    /// is a JSON-RPC batch of at most this many messages is served when the
+    /// request speaks 2025-03-26 (no `MCP-Protocol-Version` header, which the
+    /// spec then says to read as 2025-03-26, or that version). 2025-03-26 is
+    /// the one session revision with batches: 2025-06-18 removed them. Each
+    /// message goes to the session as if posted alone; the replies to the
+    /// batch's requests come back on one event stream, in the order they
+    /// finish. A longer batch gets a JSON-RPC error: each request in it is
+    /// served at once, with a reply stream of its own, so the body size alone
+    /// would let one POST start tens of thousands. 0 (the default): a batch
+    /// is refused as a body that is not one message.
+    pub max_batch_in_2025_03_26_sessions: usize,
     /// Cancellation token for the Streamable HTTP server.
     ///
     /// When this token is cancelled, all active sessions are terminated and
@@ -398,6 +411,7 @@ impl Default for StreamableHttpServerConfig {
             json_response: false,
             json_response_in_sessions: false,
             stream_after_keep_alive: false,
+            max_batch_in_2025_03_26_sessions: 0,
             cancellation_token: CancellationToken::new(),
             allowed_hosts: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             allowed_origins: vec![],
@@ -463,6 +477,12 @@ impl StreamableHttpServerConfig {
     /// Cordon's patch: see [`Self::json_response_in_sessions`].
     pub fn with_json_response_in_sessions(mut self, json_response_in_sessions: bool) -> Self {
         self.json_response_in_sessions = json_response_in_sessions;
+        self
+    }
+
+    /// Cordon's patch: see [`Self::max_batch_in_2025_03_26_sessions`].
+    pub fn with_max_batch_in_2025_03_26_sessions(mut self, max_messages: usize) -> Self {
+        self.max_batch_in_2025_03_26_sessions = max_messages;
         self
     }
 
@@ -541,6 +561,31 @@ fn validate_protocol_version_header(
         }
     }
     Ok(())
+}
+
+/// Cordon's patch: the messages of a POST body that is a JSON-RPC batch a
+/// 2025-03-26 session may send (see `max_batch_in_2025_03_26_sessions`):
+/// addressed to a session, without an `MCP-Protocol-Version` header (read as
+/// 2025-03-26) or with that version, without the 2026-07-28 `Mcp-Method`
+/// header, and made of messages that each parse. `None` for anything else,
+/// which is then refused as a body that is not one message.
+fn batch_in_2025_03_26_session(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Option<Vec<ClientJsonRpcMessage>> {
+    if !body.trim_ascii_start().starts_with(b"[")
+        || !headers.contains_key(HEADER_SESSION_ID)
+        || headers.contains_key(HEADER_MCP_METHOD)
+    {
+        return None;
+    }
+    if let Some(version) = headers.get(HEADER_MCP_PROTOCOL_VERSION) {
+        if version.as_bytes() != ProtocolVersion::V_2025_03_26.as_str().as_bytes() {
+            return None;
+        }
+    }
+    let batch: Vec<ClientJsonRpcMessage> = serde_json::from_slice(body).ok()?;
+    (!batch.is_empty()).then_some(batch)
 }
 
 fn message_has_per_request_protocol_version(message: &ClientJsonRpcMessage) -> bool {
@@ -2257,6 +2302,88 @@ where
         ))
     }
 
+    /// Cordon's patch: serves a 2025-03-26 session's batch (see
+    /// `max_batch_in_2025_03_26_sessions`). Each message enters the session
+    /// as it would alone; the replies to its requests share one event
+    /// stream, which ends when the last of them is answered. A batch of
+    /// notifications and responses only gets 202.
+    async fn handle_batch_in_session(
+        &self,
+        part: http::request::Parts,
+        batch: Vec<ClientJsonRpcMessage>,
+    ) -> HttpResult<BoxResponse> {
+        let session_id: SessionId = part
+            .headers
+            .get(HEADER_SESSION_ID)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(session_id_required_response)?
+            .to_owned()
+            .into();
+        let has_session = self
+            .session_manager
+            .has_session(&session_id)
+            .await
+            .map_err(internal_error_response("check session"))?;
+        if !has_session
+            && !self
+                .try_restore_from_store(&session_id, &part)
+                .await
+                .map_err(internal_error_response("restore session"))?
+        {
+            return Ok(Response::builder()
+                .status(http::StatusCode::NOT_FOUND)
+                .body(Full::new(Bytes::from("Not Found: Session not found")).boxed())
+                .expect("valid response"));
+        }
+        validate_protocol_version_header(&part.headers, false)?;
+        let max = self.config.max_batch_in_2025_03_26_sessions;
+        if batch.len() > max {
+            return Err(invalid_request_jsonrpc_response(
+                None,
+                format!(
+                    "Invalid Request: a batch holds at most {max} messages, this one {}",
+                    batch.len()
+                ),
+            )
+            .into());
+        }
+        let mut replies: Vec<Pin<Box<dyn Stream<Item = ServerSseMessage> + Send + Sync>>> =
+            Vec::new();
+        for mut message in batch {
+            validate_request_protocol_version_meta(&part.headers, &message)?;
+            match &mut message {
+                ClientJsonRpcMessage::Request(req) => {
+                    req.request.extensions_mut().insert(part.clone());
+                }
+                ClientJsonRpcMessage::Notification(not) => {
+                    not.notification.extensions_mut().insert(part.clone());
+                }
+                _ => {}
+            }
+            if matches!(message, ClientJsonRpcMessage::Request(_)) {
+                let stream = self
+                    .session_manager
+                    .create_stream(&session_id, message)
+                    .await
+                    .map_err(session_error_response("get session"))?;
+                replies.push(Box::pin(stream));
+            } else {
+                self.session_manager
+                    .accept_message(&session_id, message)
+                    .await
+                    .map_err(session_error_response("accept message"))?;
+            }
+        }
+        if replies.is_empty() {
+            return Ok(accepted_response());
+        }
+        Ok(sse_stream_response(
+            futures::stream::select_all(replies),
+            self.config.sse_keep_alive,
+            self.config.cancellation_token.child_token(),
+        ))
+    }
+
     async fn handle_post<B>(&self, request: Request<B>) -> HttpResult<BoxResponse>
     where
         B: Body + Send + 'static,
@@ -2301,7 +2428,17 @@ where
 
         // json deserialize request body
         let (part, body) = request.into_parts();
-        let mut message = match expect_json(body, self.config.max_request_body_bytes).await {
+        let body = match collect_body(body, self.config.max_request_body_bytes).await {
+            Ok(body) => body,
+            Err(response) => return Ok(response),
+        };
+        // Cordon's patch: see `max_batch_in_2025_03_26_sessions`.
+        if self.config.max_batch_in_2025_03_26_sessions > 0 && self.config.legacy_session_mode {
+            if let Some(batch) = batch_in_2025_03_26_session(&part.headers, &body) {
+                return self.handle_batch_in_session(part, batch).await;
+            }
+        }
+        let mut message = match parse_json_message(&body) {
             Ok(message) => message,
             Err(response) => return Ok(response),
         };
