@@ -2302,6 +2302,38 @@ where
         ))
     }
 
+    /// Cordon's patch (moved out of `handle_post`, for its batches too): `Ok`
+    /// when `session_id` names a live session, restored from the session
+    /// store if need be; the 404 the MCP spec wants for a terminated or
+    /// unknown session otherwise.
+    async fn require_session(
+        &self,
+        session_id: &SessionId,
+        part: &http::request::Parts,
+    ) -> HttpResult<()> {
+        let has_session = self
+            .session_manager
+            .has_session(session_id)
+            .await
+            .map_err(internal_error_response("check session"))?;
+        if !has_session {
+            // Attempt transparent cross-instance restore from external store.
+            let restored = self
+                .try_restore_from_store(session_id, part)
+                .await
+                .map_err(internal_error_response("restore session"))?;
+            if !restored {
+                // MCP spec: server MUST respond with 404 Not Found for terminated/unknown sessions
+                return Err(Response::builder()
+                    .status(http::StatusCode::NOT_FOUND)
+                    .body(Full::new(Bytes::from("Not Found: Session not found")).boxed())
+                    .expect("valid response")
+                    .into());
+            }
+        }
+        Ok(())
+    }
+
     /// Cordon's patch: serves a 2025-03-26 session's batch (see
     /// `max_batch_in_2025_03_26_sessions`). Each message enters the session
     /// as it would alone; the replies to its requests share one event
@@ -2319,22 +2351,7 @@ where
             .ok_or_else(session_id_required_response)?
             .to_owned()
             .into();
-        let has_session = self
-            .session_manager
-            .has_session(&session_id)
-            .await
-            .map_err(internal_error_response("check session"))?;
-        if !has_session
-            && !self
-                .try_restore_from_store(&session_id, &part)
-                .await
-                .map_err(internal_error_response("restore session"))?
-        {
-            return Ok(Response::builder()
-                .status(http::StatusCode::NOT_FOUND)
-                .body(Full::new(Bytes::from("Not Found: Session not found")).boxed())
-                .expect("valid response"));
-        }
+        self.require_session(&session_id, &part).await?;
         validate_protocol_version_header(&part.headers, false)?;
         let max = self.config.max_batch_in_2025_03_26_sessions;
         if batch.len() > max {
@@ -2454,25 +2471,7 @@ where
                 .and_then(|v| v.to_str().ok());
             if let Some(session_id) = session_id {
                 let session_id = session_id.to_owned().into();
-                let has_session = self
-                    .session_manager
-                    .has_session(&session_id)
-                    .await
-                    .map_err(internal_error_response("check session"))?;
-                if !has_session {
-                    // Attempt transparent cross-instance restore from external store.
-                    let restored = self
-                        .try_restore_from_store(&session_id, &part)
-                        .await
-                        .map_err(internal_error_response("restore session"))?;
-                    if !restored {
-                        // MCP spec: server MUST respond with 404 Not Found for terminated/unknown sessions
-                        return Ok(Response::builder()
-                            .status(http::StatusCode::NOT_FOUND)
-                            .body(Full::new(Bytes::from("Not Found: Session not found")).boxed())
-                            .expect("valid response"));
-                    }
-                }
+                self.require_session(&session_id, &part).await?;
 
                 // Validate MCP-Protocol-Version header (per 2025-06-18 spec)
                 let has_per_request_version = message_has_per_request_protocol_version(&message);
