@@ -1,6 +1,7 @@
 //! A count of things held at once, with a bound, and the guard that holds
 //! one of them: the sandbox's running calls, the open subscription streams.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// At most `max` held at once.
@@ -26,12 +27,21 @@ impl Bounded {
 
     /// One more, held until the guard is dropped; `None` at the bound.
     pub fn enter(&self) -> Option<Held<'_>> {
+        self.take_place().then(|| Held(&self.held))
+    }
+
+    /// [`Self::enter`], with a guard that owns its share of the count (for
+    /// a holder that must be `'static`).
+    pub fn enter_owned(self: &Arc<Self>) -> Option<HeldOwned> {
+        self.take_place().then(|| HeldOwned(self.clone()))
+    }
+
+    fn take_place(&self) -> bool {
         self.held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max).then_some(n + 1)
             })
-            .ok()
-            .map(|_| Held(&self.held))
+            .is_ok()
     }
 }
 
@@ -42,6 +52,16 @@ pub struct Held<'a>(&'a AtomicUsize);
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// [`Held`], owning its [`Bounded`].
+#[derive(Debug)]
+pub struct HeldOwned(Arc<Bounded>);
+
+impl Drop for HeldOwned {
+    fn drop(&mut self) {
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -57,5 +77,16 @@ mod tests {
         assert!(bounded.enter().is_none());
         drop(a);
         assert!(bounded.enter().is_some());
+    }
+
+    #[test]
+    fn owned_guards_share_the_same_bound() {
+        let bounded = Arc::new(Bounded::new(2));
+        let a = bounded.enter_owned().unwrap();
+        let _b = bounded.enter().unwrap();
+        assert!(bounded.enter_owned().is_none());
+        assert!(bounded.enter().is_none());
+        drop(a);
+        assert!(bounded.enter_owned().is_some());
     }
 }

@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use rmcp::handler::server::SubscriptionPermit;
 use rmcp::model::{
     CacheScope, CallToolRequestParams, CallToolResponse, CustomRequest, CustomResult,
     GetExtensions as _, Implementation, ListToolsResult, LoggingLevel,
@@ -421,21 +422,27 @@ impl ServerHandler for McpHandler {
         Some(accepted)
     }
 
-    async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
-        let _slot = match &self.listen_cap {
-            None => None,
-            Some(cap) => Some(cap.enter().ok_or_else(|| {
-                McpError::new(
-                    QUOTA_EXCEEDED,
-                    format!(
-                        "all {} subscription streams are open (server.max_sessions); \
-                         try again later",
-                        cap.max()
-                    ),
-                    None,
-                )
-            })?),
+    /// A stream's place under the cap is taken before rmcp acknowledges the
+    /// subscription, so that a refused client gets the error alone.
+    fn admit_subscription(&self) -> Result<SubscriptionPermit, McpError> {
+        let Some(cap) = &self.listen_cap else {
+            return Ok(None);
         };
+        let place = cap.enter_owned().ok_or_else(|| {
+            McpError::new(
+                QUOTA_EXCEEDED,
+                format!(
+                    "all {} subscription streams are open (server.max_sessions); \
+                     try again later",
+                    cap.max()
+                ),
+                None,
+            )
+        })?;
+        Ok(Some(Box::new(place)))
+    }
+
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
         let mut changes = self.dispatcher.registry().subscribe();
         loop {
             tokio::select! {

@@ -21,6 +21,10 @@ pub mod tool;
 pub mod tool_name_validation;
 pub mod wrapper;
 
+/// Cordon's patch: what [`ServerHandler::admit_subscription`] hands back,
+/// held for as long as the admitted subscription runs.
+pub type SubscriptionPermit = Option<Box<dyn std::any::Any + Send + Sync>>;
+
 /// SEP-2663: gate `tasks/*` methods on the client's declared tasks-extension
 /// capability.
 ///
@@ -202,6 +206,9 @@ impl<H: ServerHandler> Service<RoleServer> for H {
                     }
                     let server_implementation = server_info.server_info;
                     let subscription_id = context.id.clone();
+                    // Cordon's patch: admitted before it is acknowledged;
+                    // the permit is held until `listen` returns.
+                    let _permit = self.admit_subscription()?;
                     let subscription =
                         SubscriptionContext::establish(context, requested, accepted).await?;
                     // The 2026-07-28 schema defines a final result for graceful
@@ -543,6 +550,13 @@ macro_rules! server_handler_methods {
         ) -> Option<SubscriptionFilter> {
             None
         }
+        /// Cordon's patch: admits a `subscriptions/listen` request before it is
+        /// acknowledged. An error refuses it, and no acknowledgment is sent;
+        /// what `Ok` holds (e.g. the place of a bounded number of open
+        /// subscriptions) is kept until [`Self::listen`] returns.
+        fn admit_subscription(&self) -> Result<SubscriptionPermit, McpError> {
+            Ok(None)
+        }
         /// Run one established subscription until it is cancelled or closed gracefully.
         ///
         /// The SDK sends the acknowledgment before invoking this method. Returning
@@ -870,6 +884,10 @@ macro_rules! impl_server_handler_for_wrapper {
                 requested: &SubscriptionFilter,
             ) -> Option<SubscriptionFilter> {
                 (**self).accepted_subscription_filter(requested)
+            }
+
+            fn admit_subscription(&self) -> Result<SubscriptionPermit, McpError> {
+                (**self).admit_subscription()
             }
 
             fn listen(
