@@ -27,7 +27,9 @@ impl Bounded {
 
     /// One more, held until the guard is dropped; `None` at the bound.
     pub fn enter(&self) -> Option<Held<'_>> {
-        self.take_place().then(|| Held(&self.held))
+        // Lazily: a guard made and dropped at the bound would give back a
+        // place it never took.
+        self.take_place().then(|| Held(self))
     }
 
     /// [`Self::enter`], with a guard that owns its share of the count (for
@@ -43,15 +45,19 @@ impl Bounded {
             })
             .is_ok()
     }
+
+    fn give_back(&self) {
+        self.held.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One of a [`Bounded`] count, given back on drop.
 #[derive(Debug)]
-pub struct Held<'a>(&'a AtomicUsize);
+pub struct Held<'a>(&'a Bounded);
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.give_back();
     }
 }
 
@@ -61,7 +67,7 @@ pub struct HeldOwned(Arc<Bounded>);
 
 impl Drop for HeldOwned {
     fn drop(&mut self) {
-        self.0.held.fetch_sub(1, Ordering::AcqRel);
+        self.0.give_back();
     }
 }
 
@@ -75,6 +81,8 @@ mod tests {
         let a = bounded.enter().unwrap();
         let _b = bounded.enter().unwrap();
         assert!(bounded.enter().is_none());
+        // A refused attempt takes no place and gives none back.
+        assert!(bounded.enter().is_none());
         drop(a);
         assert!(bounded.enter().is_some());
     }
@@ -86,6 +94,7 @@ mod tests {
         let _b = bounded.enter().unwrap();
         assert!(bounded.enter_owned().is_none());
         assert!(bounded.enter().is_none());
+        assert!(bounded.enter_owned().is_none());
         drop(a);
         assert!(bounded.enter_owned().is_some());
     }
