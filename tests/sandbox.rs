@@ -569,3 +569,58 @@ fn idle_instances_do_not_count_against_max_instances() {
         next_call_works(&sandbox).await;
     });
 }
+
+/// Under load, calls wait in their worker's lane and start together
+/// (`runtime.engine.batch_calls`, on by default). Each still gets its own
+/// instance and its own answer, a call that waits (here: sleeps) does not
+/// hold the ones queued with it, and with the setting off no call waits.
+#[test]
+fn calls_under_load_start_together_and_each_gets_its_own_answer() {
+    for batch_calls in [true, false] {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(2).enable_all();
+        cordon::runtime::use_idle_time(&mut builder);
+        builder.build().unwrap().block_on(async {
+            let extra = format!("[runtime.engine]\nbatch_calls = {batch_calls}\n");
+            let sandbox = std::sync::Arc::new(Sandbox::new(&["conformance"], &extra).await);
+            let slow = {
+                let sandbox = sandbox.clone();
+                tokio::spawn(async move { sandbox.ok("sleep_ms", json!({"ms": 3000})).await })
+            };
+            let started = Instant::now();
+            let clients: Vec<_> = (0..32)
+                .map(|client| {
+                    let sandbox = sandbox.clone();
+                    tokio::spawn(async move {
+                        for n in 0..25 {
+                            let message = format!("client {client} call {n}");
+                            let echoed = sandbox.ok("echo", json!({"message": message})).await;
+                            assert_eq!(text(&echoed), message);
+                        }
+                    })
+                })
+                .collect();
+            for client in clients {
+                client.await.unwrap();
+            }
+            assert!(
+                started.elapsed() < Duration::from_millis(2500),
+                "800 quick calls took {:?}: the sleeping call held them",
+                started.elapsed()
+            );
+            assert!(!slow.is_finished());
+            assert!(text(&slow.await.unwrap()).contains("3000"));
+            let together = sandbox
+                .app
+                .dispatcher
+                .registry()
+                .runtime()
+                .calls_started_together();
+            if batch_calls {
+                assert!(together > 0, "no call started together with others");
+            } else {
+                assert_eq!(together, 0);
+            }
+        });
+    }
+}

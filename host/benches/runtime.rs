@@ -4,8 +4,9 @@
 //!   calls) of three tools: `null` of the `trivial` fixture (`no_std`,
 //!   imports nothing), `ok` of the large `hostile` fixture and the SDK's
 //!   `echo`; straight into the runtime, with warm and with cold caches
-//!   (16 MiB written between calls), and `ok` through the dispatcher
-//!   (argument check, grants, limits);
+//!   (16 MiB written between calls), the same cold calls started in groups
+//!   of 1, 2, 4 and 8 (as `runtime.engine.batch_calls` starts calls under
+//!   load), and `ok` through the dispatcher (argument check, grants, limits);
 //! - start-up of a directory of 50 tool components, with a cold and a warm
 //!   compile cache.
 //!
@@ -106,6 +107,15 @@ async fn runtime_calls_with(
     report("  of which: guest call-tool", execute);
 }
 
+/// Evicts the instance's lines and TLB entries from the caches, as a
+/// server's other work between calls does.
+fn write_other_work(buffer: &mut [u8]) {
+    for (i, byte) in buffer.iter_mut().enumerate().step_by(64) {
+        *byte = byte.wrapping_add(i as u8);
+    }
+    std::hint::black_box(&buffer);
+}
+
 async fn single_call() {
     let sandbox = common::Sandbox::new(&["hostile", "conformance", "trivial"], "").await;
     // `null` (the `trivial` fixture: no_std, imports nothing, returns a
@@ -132,14 +142,50 @@ async fn single_call() {
             tool,
             args,
             (COLD_WARMUP, COLD_ITERATIONS),
-            || {
-                for (i, byte) in other_work.iter_mut().enumerate().step_by(64) {
-                    *byte = byte.wrapping_add(i as u8);
-                }
-                std::hint::black_box(&other_work);
-            },
+            || write_other_work(&mut other_work),
         )
         .await;
+    }
+
+    // Calls started back to back after the other work, as a lane starts
+    // them under load (`runtime.engine.batch_calls`): all but the first of
+    // a group find the caches warm.
+    for (label, tool, args) in [
+        ("`null`", "null", "{}"),
+        ("`echo`", "echo", r#"{"message":"hi"}"#),
+    ] {
+        let entry = sandbox
+            .app
+            .dispatcher
+            .registry()
+            .snapshot()
+            .tool(tool)
+            .expect("tool is loaded")
+            .clone();
+        let runtime = sandbox.app.dispatcher.registry().runtime().clone();
+        for group in [1usize, 2, 4, 8] {
+            let mut samples = Vec::new();
+            for i in 0..(COLD_ITERATIONS / group + COLD_WARMUP) {
+                write_other_work(&mut other_work);
+                let started = Instant::now();
+                for _ in 0..group {
+                    let outcome = runtime
+                        .call(&entry.component, tool, args, CallSpec::bare())
+                        .await;
+                    assert!(outcome.result.is_ok());
+                }
+                if i >= COLD_WARMUP {
+                    samples.push(started.elapsed() / group as u32);
+                }
+            }
+            report(
+                &format!(
+                    "{label}, groups of {group} after {} MiB, per call",
+                    COLD_BUFFER >> 20
+                ),
+                samples,
+            );
+        }
     }
 
     let principal = Principal::local("bench");

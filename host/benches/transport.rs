@@ -32,7 +32,8 @@
 //! `-- idle` and `-- tenancy` run sections 1, 2, 3 and 4 alone;
 //! `-- throughput side=NAME[,NAME…]` (`wasm-null`, `native-null`, `wasm`,
 //! `native`, `rmcp`) measures only those sides of section 1, and
-//! `clients=N` one load, for profiling. With `marks`, every run of an
+//! `clients=N` one load, for profiling; `unbatched` serves sections 1 and 2
+//! with `runtime.engine.batch_calls = false`. With `marks`, every run of an
 //! interleaved section prints `mark SERVER START END` on stderr (CLOCK_MONOTONIC,
 //! as `perf record -k CLOCK_MONOTONIC` stamps its samples), and
 //! `host/benches/perf-split.py` compares two servers' profiles from one
@@ -1073,10 +1074,12 @@ fn main() -> anyhow::Result<()> {
     }
     let shutdown = CancellationToken::new();
     let config = bench_config();
-    let sandbox = servers_rt.block_on(common::Sandbox::new(
-        &["conformance", "trivial"],
-        NO_TENANCY,
-    ));
+    let extra = if arg("unbatched") {
+        format!("{NO_TENANCY}[runtime.engine]\nbatch_calls = false\n")
+    } else {
+        NO_TENANCY.to_owned()
+    };
+    let sandbox = servers_rt.block_on(common::Sandbox::new(&["conformance", "trivial"], &extra));
     let (wasm, native, rmcp, default) = servers_rt.block_on(async {
         let dispatcher = sandbox.app.dispatcher.clone();
         let wasm = start(

@@ -25,6 +25,11 @@ impl Bounded {
         self.max
     }
 
+    /// How many are held right now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
     /// One more, held until the guard is dropped; `None` at the bound.
     pub fn enter(&self) -> Option<Held<'_>> {
         // Lazily: a guard made and dropped at the bound would give back a

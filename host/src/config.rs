@@ -211,6 +211,8 @@ pub struct EngineConfig {
     /// Dirty memory per instance slot reset in place rather than returned
     /// to the kernel, in KiB.
     pub keep_resident_kib: u64,
+    /// Start calls that arrive together back to back.
+    pub batch_calls: bool,
 }
 
 impl Default for EngineConfig {
@@ -222,6 +224,7 @@ impl Default for EngineConfig {
             fuel: d.fuel,
             epoch_tick_ms: d.epoch_tick_ms,
             keep_resident_kib: d.keep_resident_bytes >> 10,
+            batch_calls: d.batch_calls,
         }
     }
 }
@@ -771,6 +774,7 @@ impl Config {
             fuel: e.fuel,
             epoch_tick_ms: e.epoch_tick_ms,
             keep_resident_bytes: e.keep_resident_kib << 10,
+            batch_calls: e.batch_calls,
         }
     }
 

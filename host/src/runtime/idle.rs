@@ -62,6 +62,15 @@ thread_local! {
     /// ran in what the call before it ran in.
     static FINISHED: Cell<Option<bool>> = const { Cell::new(None) };
     static SPARE: RefCell<Option<Spare>> = const { RefCell::new(None) };
+    /// Set by the idle hook, cleared by [`busy`] as each call starts.
+    static IDLED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this worker has been busy since the last call on it began: it
+/// has not idled since. `None` on a thread without the hooks. (Used to let
+/// calls under load start together; see `lane`.)
+pub(crate) fn busy() -> Option<bool> {
+    IDLES.get().then(|| !IDLED.replace(false))
 }
 
 /// Installs the hooks that let this runtime's workers do a call's teardown
@@ -75,6 +84,7 @@ pub fn use_idle_time(builder: &mut tokio::runtime::Builder) -> &mut tokio::runti
 
 fn worker_idle() {
     IDLES.set(true);
+    IDLED.set(true);
     // Each is taken out of its thread-local before it is dropped or used:
     // that work must not run while a thread-local is borrowed.
     drop(KEPT.take());

@@ -13,13 +13,14 @@ mod grants;
 mod host;
 mod idle;
 mod inspect;
+mod lane;
 mod limits;
 mod output;
 mod registry;
 mod state;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,10 @@ pub struct EngineSettings {
     /// instead of being handed back to the kernel. Pages past it are
     /// decommitted. 0 hands every page back.
     pub keep_resident_bytes: u64,
+    /// Start calls that arrive while their worker thread is busy back to
+    /// back, so that all but the first find the CPU's caches warm (see
+    /// `lane`). Off: each call starts when its request reaches it.
+    pub batch_calls: bool,
 }
 
 impl Default for EngineSettings {
@@ -77,6 +82,7 @@ impl Default for EngineSettings {
             fuel: false,
             epoch_tick_ms: 5,
             keep_resident_bytes: 1 << 20,
+            batch_calls: true,
         }
     }
 }
@@ -141,7 +147,9 @@ pub struct Runtime {
     in_place_reset_bytes: u64,
     databases: Arc<crate::db::Databases>,
     /// Calls between their start and their end; at most `max_instances`.
-    running: crate::bounded::Bounded,
+    running: Arc<crate::bounded::Bounded>,
+    /// Calls queued in a lane (see [`Self::calls_started_together`]).
+    started_together: AtomicU64,
     /// Pool slots beyond `max_instances` for finished Stores whose teardown
     /// waits for their worker to idle, and for spare instances (see `idle`).
     headroom: Arc<idle::Headroom>,
@@ -183,7 +191,10 @@ impl Runtime {
         Ok(Runtime {
             engine,
             linker,
-            running: crate::bounded::Bounded::new(settings.max_instances as usize),
+            started_together: AtomicU64::new(0),
+            running: Arc::new(crate::bounded::Bounded::new(
+                settings.max_instances as usize,
+            )),
             settings,
             in_place_reset_bytes,
             databases: Arc::default(),
@@ -206,6 +217,12 @@ impl Runtime {
             awaiting_teardown: self.headroom.kept(),
             spares: self.headroom.spares(),
         }
+    }
+
+    /// Calls so far that arrived while their worker was busy and were
+    /// started together with others (`batch_calls`).
+    pub fn calls_started_together(&self) -> u64 {
+        self.started_together.load(Ordering::Relaxed)
     }
 
     /// The database backends calls use.
@@ -234,6 +251,60 @@ impl Runtime {
     /// against its input schema by the caller, see [`ToolEntry::check_arguments`])
     /// in a fresh instance, within `spec`'s limits.
     pub async fn call(
+        self: &Arc<Self>,
+        component: &Arc<ToolComponent>,
+        name: &str,
+        arguments: &str,
+        spec: CallSpec,
+    ) -> CallOutcome {
+        // Held from the call's start, queued or running, until `call`
+        // returns or its future is dropped.
+        let Some(running) = self.running.enter_owned() else {
+            return CallOutcome {
+                result: Err(CallFailure::Unavailable(format!(
+                    "all {} instance slots are in use (runtime.engine.max_instances)",
+                    self.settings.max_instances
+                ))),
+                stats: CallStats::default(),
+            };
+        };
+        // A call whose worker is busy (it has not idled since its last call
+        // began; on a runtime without the idle hooks: another call is in
+        // progress) waits in the lane for others to start with. A call alone
+        // starts at once: the lane would only add a turn of the scheduler to
+        // its latency.
+        if self.settings.batch_calls
+            && idle::busy().unwrap_or_else(|| self.running.held() > 1)
+            && let Some(lane) = lane::this_thread()
+        {
+            let runtime = self.clone();
+            let component = component.clone();
+            let name = name.to_owned();
+            let arguments = arguments.to_owned();
+            self.started_together.fetch_add(1, Ordering::Relaxed);
+            let call = async move {
+                let _running = running;
+                runtime
+                    .call_in_place(&component, &name, &arguments, spec)
+                    .await
+            };
+            return lane
+                .run(tracing::Instrument::in_current_span(call))
+                .await
+                .unwrap_or_else(|| CallOutcome {
+                    result: Err(CallFailure::Unavailable(
+                        "the call ended without an outcome (its runtime is shutting down, or it panicked)"
+                            .into(),
+                    )),
+                    stats: CallStats::default(),
+                });
+        }
+        let _running = running;
+        self.call_in_place(component, name, arguments, spec).await
+    }
+
+    /// [`Self::call`], on the caller's task.
+    async fn call_in_place(
         &self,
         component: &Arc<ToolComponent>,
         name: &str,
@@ -247,17 +318,6 @@ impl Runtime {
             cancel,
         } = spec;
         let mut stats = CallStats::default();
-        // Held from the call's start until `call` returns or its future is
-        // dropped.
-        let Some(_running) = self.running.enter() else {
-            return CallOutcome {
-                result: Err(CallFailure::Unavailable(format!(
-                    "all {} instance slots are in use (runtime.engine.max_instances)",
-                    self.settings.max_instances
-                ))),
-                stats,
-            };
-        };
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + limits.timeout;
 
