@@ -624,3 +624,51 @@ fn calls_under_load_start_together_and_each_gets_its_own_answer() {
         });
     }
 }
+
+/// A guest that computes without pause, started in a lane with other calls,
+/// holds them for at most its first epoch tick: after it, it goes on as a
+/// task of its own and the calls queued behind it run.
+#[test]
+fn a_spinning_guest_does_not_hold_the_calls_queued_with_it() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    cordon::runtime::use_idle_time(&mut builder);
+    builder.build().unwrap().block_on(async {
+        let sandbox = std::sync::Arc::new(hostile().await);
+        let calls: Vec<_> = (0..16)
+            .map(|client| {
+                let sandbox = sandbox.clone();
+                tokio::spawn(async move {
+                    if client % 8 == 0 {
+                        // Two spinning guests among the first calls.
+                        let failure = sandbox.failure("spin", json!({})).await;
+                        assert!(matches!(failure, CallFailure::Timeout(_)), "{failure:?}");
+                        return None;
+                    }
+                    let started = Instant::now();
+                    for _ in 0..10 {
+                        next_call_works(&sandbox).await;
+                    }
+                    Some(started.elapsed())
+                })
+            })
+            .collect();
+        for call in calls {
+            if let Some(took) = call.await.unwrap() {
+                assert!(
+                    took < Duration::from_millis(TIMEOUT_MS / 2),
+                    "ten plain calls took {took:?} beside spinning guests"
+                );
+            }
+        }
+        assert!(
+            sandbox
+                .app
+                .dispatcher
+                .registry()
+                .runtime()
+                .calls_started_together()
+                > 0
+        );
+    });
+}
