@@ -12,12 +12,13 @@
 //! that arrives while its worker is busy (it has not idled since its last
 //! call began) is queued in its thread's lane. The lane's task lets the
 //! tasks ready on its worker run first ([`ROUNDS`] turns of the run queue),
-//! so that the requests among them reach the queue too, then gives each queued call its first poll, one after the other. A call
-//! that finishes on that poll (most do: instantiate, run, tear down) is
-//! done. One that has to wait (an epoch tick, a host future, a timer)
-//! continues as a task of its own, as it would have without the lane, so a
-//! long call never holds the lane: it holds it for at most its first epoch
-//! tick, as it would have held its worker.
+//! so that the requests among them reach the queue too, then gives each
+//! queued call its first poll, one after the other. A call that finishes on
+//! that poll (most do: instantiate, run, tear down) is done. One that has
+//! to wait (an epoch tick, a host future, a timer) continues as a task of
+//! its own, as it would have without the lane, so a long call never holds
+//! the lane: it holds it for at most its first epoch tick, as it would have
+//! held its worker.
 //!
 //! Hand-written: tokio has no way to ask for tasks to be run back to back.
 
