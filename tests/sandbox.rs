@@ -358,6 +358,15 @@ fn idling_runtime() -> tokio::runtime::Runtime {
     builder.build().unwrap()
 }
 
+/// Two workers with the idle hooks, as `cordon serve` runs: calls that
+/// arrive while a worker is busy start together in its lane.
+fn busy_runtime() -> tokio::runtime::Runtime {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2).enable_all();
+    cordon::runtime::use_idle_time(&mut builder);
+    builder.build().unwrap()
+}
+
 /// Lets the runtime's thread run out of work, so its idle hook runs.
 async fn idle() {
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -577,10 +586,7 @@ fn idle_instances_do_not_count_against_max_instances() {
 #[test]
 fn calls_under_load_start_together_and_each_gets_its_own_answer() {
     for batch_calls in [true, false] {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(2).enable_all();
-        cordon::runtime::use_idle_time(&mut builder);
-        builder.build().unwrap().block_on(async {
+        busy_runtime().block_on(async {
             let extra = format!("[runtime.engine]\nbatch_calls = {batch_calls}\n");
             let sandbox = std::sync::Arc::new(Sandbox::new(&["conformance"], &extra).await);
             let slow = {
@@ -630,10 +636,7 @@ fn calls_under_load_start_together_and_each_gets_its_own_answer() {
 /// task of its own and the calls queued behind it run.
 #[test]
 fn a_spinning_guest_does_not_hold_the_calls_queued_with_it() {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(2).enable_all();
-    cordon::runtime::use_idle_time(&mut builder);
-    builder.build().unwrap().block_on(async {
+    busy_runtime().block_on(async {
         let sandbox = std::sync::Arc::new(hostile().await);
         let calls: Vec<_> = (0..16)
             .map(|client| {

@@ -30,49 +30,29 @@ impl Bounded {
         self.held.load(Ordering::Acquire)
     }
 
-    /// One more, held until the guard is dropped; `None` at the bound.
-    pub fn enter(&self) -> Option<Held<'_>> {
+    /// One more, held until the guard is dropped; `None` at the bound. The
+    /// guard owns its share of the count, so it can live in a `'static`
+    /// future (a call queued in a lane, a subscription stream).
+    pub fn enter(self: &Arc<Self>) -> Option<Held> {
         // Lazily: a guard made and dropped at the bound would give back a
         // place it never took.
-        self.take_place().then(|| Held(self))
-    }
-
-    /// [`Self::enter`], with a guard that owns its share of the count (for
-    /// a holder that must be `'static`).
-    pub fn enter_owned(self: &Arc<Self>) -> Option<HeldOwned> {
-        self.take_place().then(|| HeldOwned(self.clone()))
-    }
-
-    fn take_place(&self) -> bool {
-        self.held
+        let taken = self
+            .held
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max).then_some(n + 1)
             })
-            .is_ok()
-    }
-
-    fn give_back(&self) {
-        self.held.fetch_sub(1, Ordering::AcqRel);
+            .is_ok();
+        taken.then(|| Held(self.clone()))
     }
 }
 
 /// One of a [`Bounded`] count, given back on drop.
 #[derive(Debug)]
-pub struct Held<'a>(&'a Bounded);
+pub struct Held(Arc<Bounded>);
 
-impl Drop for Held<'_> {
+impl Drop for Held {
     fn drop(&mut self) {
-        self.0.give_back();
-    }
-}
-
-/// [`Held`], owning its [`Bounded`].
-#[derive(Debug)]
-pub struct HeldOwned(Arc<Bounded>);
-
-impl Drop for HeldOwned {
-    fn drop(&mut self) {
-        self.0.give_back();
+        self.0.held.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -82,25 +62,16 @@ mod tests {
 
     #[test]
     fn the_bound_holds_and_a_dropped_guard_frees_its_place() {
-        let bounded = Bounded::new(2);
+        let bounded = Arc::new(Bounded::new(2));
         let a = bounded.enter().unwrap();
         let _b = bounded.enter().unwrap();
+        assert_eq!(bounded.held(), 2);
         assert!(bounded.enter().is_none());
         // A refused attempt takes no place and gives none back.
         assert!(bounded.enter().is_none());
+        assert_eq!(bounded.held(), 2);
         drop(a);
+        assert_eq!(bounded.held(), 1);
         assert!(bounded.enter().is_some());
-    }
-
-    #[test]
-    fn owned_guards_share_the_same_bound() {
-        let bounded = Arc::new(Bounded::new(2));
-        let a = bounded.enter_owned().unwrap();
-        let _b = bounded.enter().unwrap();
-        assert!(bounded.enter_owned().is_none());
-        assert!(bounded.enter().is_none());
-        assert!(bounded.enter_owned().is_none());
-        drop(a);
-        assert!(bounded.enter_owned().is_some());
     }
 }

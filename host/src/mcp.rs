@@ -428,7 +428,7 @@ impl ServerHandler for McpHandler {
         let Some(cap) = &self.listen_cap else {
             return Ok(None);
         };
-        let place = cap.enter_owned().ok_or_else(|| {
+        let place = cap.enter().ok_or_else(|| {
             McpError::new(
                 QUOTA_EXCEEDED,
                 format!(

@@ -259,7 +259,7 @@ impl Runtime {
     ) -> CallOutcome {
         // Held from the call's start, queued or running, until `call`
         // returns or its future is dropped.
-        let Some(running) = self.running.enter_owned() else {
+        let Some(running) = self.running.enter() else {
             return CallOutcome {
                 result: Err(CallFailure::Unavailable(format!(
                     "all {} instance slots are in use (runtime.engine.max_instances)",
